@@ -1,0 +1,1 @@
+"""Prefect flows and deployments: they orchestrate the DVC stages, never compute."""

@@ -1,0 +1,154 @@
+"""Generation back ends: one protocol, chosen by name in params.
+
+    backend = make_backend("transformers", model="data/pretrain_demo/teacher")
+    outs = backend.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=128))
+    outs[i][j].text, outs[i][j].completion_tokens, outs[i][j].finish_reason
+
+Implementations are imported lazily by name so that a CPU machine never imports vLLM and
+`import steps` stays fast. `transformers` runs in-process; `vllm` and `openai` (any
+OpenAI-compatible endpoint) take the same `Prompt` objects: text for engines that tokenise
+themselves, chat messages for servers that apply the chat template.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from steps.core.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # `<think> T </think> R` (a separate reasoning field is folded in by the back end)
+    completion_tokens: int  # generated tokens, thinking included, end-of-sequence excluded
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int = 0
+    latency_s: float = 0.0  # wall time of the request or batch, shared out per completion
+
+
+class GenerationBackend(Protocol):
+    name: str
+
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingParams,
+                 on_batch: Callable[[list[int], list[list[Completion]]], None] | None = None,
+                 ) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order. `on_batch(indices, completions)` is called
+        as results arrive, so a caller can persist them before the whole call returns."""
+        ...
+
+    def close(self) -> None: ...
+
+
+REGISTRY: dict[str, str] = {
+    "transformers": "steps.core.backends:TransformersBackend",
+    "vllm": "steps.core.backend_vllm:VLLMBackend",
+    "openai": "steps.core.backend_openai:OpenAIBackend",
+}
+
+
+def register(name: str, target: str) -> None:
+    """Register a back end as "module:Class" (imported only when used)."""
+    REGISTRY[name] = target
+
+
+def make_backend(name: str, **options: Any) -> GenerationBackend:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown generation backend {name!r}; known: {sorted(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)(**options)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 31-bit seed from (base seed, stage, row id, ...): no global random state."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class TransformersBackend:
+    """In-process `model.generate`, batched, shortest prompts together to save padding."""
+
+    name = "transformers"
+
+    def __init__(self, model: str, batch_size: int = 64, dtype: str = "float32", device: str = "auto",
+                 model_obj: Any = None, tokenizer_obj: Any = None, threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.tokenizer = tokenizer_obj or AutoTokenizer.from_pretrained(model)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = model_obj or AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.model_name = model
+
+    def generate(self, prompts, sampling, on_batch=None):
+        import torch
+
+        tok = self.tokenizer
+        encoded = [tok(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        per_batch = max(1, self.batch_size // sampling.n)
+        results: list[list[Completion]] = [[] for _ in prompts]
+        eos_ids = set(self._eos_ids())
+        for start in range(0, len(order), per_batch):
+            idx = order[start:start + per_batch]
+            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(self.device)
+            torch.manual_seed(derive_seed(sampling.seed, prompts[idx[0]].key, start))
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.generate(
+                    **batch, do_sample=sampling.temperature > 0, max_new_tokens=sampling.max_new_tokens,
+                    temperature=sampling.temperature if sampling.temperature > 0 else None,
+                    top_p=sampling.top_p if sampling.temperature > 0 else None, top_k=None,
+                    num_return_sequences=sampling.n, pad_token_id=tok.pad_token_id,
+                    eos_token_id=list(eos_ids))
+            elapsed = time.perf_counter() - t0
+            gen = out[:, batch["input_ids"].shape[1]:].tolist()  # (B*n, T_new)
+            for b, i in enumerate(idx):
+                comps = []
+                for j in range(sampling.n):
+                    ids = gen[b * sampling.n + j]
+                    stop = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+                    kept = ids if stop is None else ids[:stop]
+                    comps.append(Completion(
+                        text=tok.decode(kept, skip_special_tokens=True).strip(),
+                        completion_tokens=len(kept), finish_reason="length" if stop is None else "stop",
+                        prompt_tokens=len(encoded[i]), latency_s=elapsed / len(idx)))
+                results[i] = comps
+            if on_batch:
+                on_batch(idx, [results[i] for i in idx])
+        return results
+
+    def _eos_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        return [i for i in ids + [self.tokenizer.eos_token_id] if i is not None]
+
+    def close(self) -> None:
+        self.model = None

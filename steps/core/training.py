@@ -1,0 +1,48 @@
+"""What the RFT and GRPO stages share: TRL arguments that work on CPU and GPU alike, the
+dataset rows the trainers read, and the training log as plain rows."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from steps.core import prompts as P
+
+
+def common_args(output_dir: Path, *, seed: int, learning_rate: float, batch_size: int, max_steps: int,
+                epochs: float, warmup_ratio: float, logging_steps: int, bf16: bool | None) -> dict[str, Any]:
+    """TrainingArguments shared by SFTConfig and GRPOConfig. On CPU bf16 and gradient
+    checkpointing are off (TRL's defaults assume a GPU); checkpoints are not written mid-run
+    because the stage's output is the final model."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return dict(output_dir=str(output_dir), seed=seed, data_seed=seed, learning_rate=learning_rate,
+                per_device_train_batch_size=batch_size, max_steps=max_steps, num_train_epochs=epochs,
+                warmup_ratio=warmup_ratio, lr_scheduler_type="cosine", logging_steps=logging_steps,
+                save_strategy="no", report_to=[], bf16=cuda if bf16 is None else bf16,
+                gradient_checkpointing=False, use_cpu=not cuda, dataloader_num_workers=0,
+                disable_tqdm=False, logging_first_step=True)
+
+
+def prompt_rows(examples: list[dict[str, Any]], tokenizer: Any,
+                chat_template_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Example rows plus the rendered `prompt` string (TRL's standard, non-conversational form:
+    the chat template is applied here, identically for every model)."""
+    return [{**e, "prompt": P.render(e, tokenizer, chat_template_kwargs).text} for e in examples]
+
+
+def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trainer.state.log_history -> rows with `step` and numeric values only."""
+    rows = []
+    for entry in log_history:
+        row = {k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"}
+        if row:
+            rows.append({"step": int(entry.get("step", 0)), **row})
+    return rows
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)

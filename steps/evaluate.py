@@ -1,0 +1,224 @@
+"""evaluate: every model on the eval split of every dataset, scored by the shared judge.
+
+Models: teacher and student_base (from pretrain_demo/models.json), rft and rft_grpo (given as
+--model NAME=DIR). Per model and dataset: correctness and helpfulness (the judge stage's
+judge), MuSiQue answer EM/F1 with the official normalisation (null for e-commerce, where
+answers are sentences), tokens per response (thinking included), decode TFLOPs per response
+(convention in steps.core.modeling; prefill reported apart), and latency: batched wall time
+per response and the median single-request latency over `latency_probe_n` examples.
+
+Outputs: predictions.jsonl (predictions schema), reports/summary.json and summary.md, DVC
+metrics (reports/metrics.json) and plots (reports/plots/). Generation is resumable per
+(model, dataset, example).
+
+    python -m steps.evaluate score-musique GOLD.jsonl PRED.jsonl   # official-format scoring
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steps.core import prompts as P
+from steps.core.backends import SamplingParams, make_backend
+from steps.core.config import config_hash, help_field, load_config
+from steps.core.io import ShardWriter, read_json, write_json, write_jsonl, write_text
+from steps.core.judges import make_judge
+from steps.core.metrics import exact_match, extract_answer, max_over, token_f1
+from steps.core.schemas import EXAMPLES, PREDICTIONS, read_validated, validate
+
+MODEL_ORDER = ("teacher", "student_base", "rft", "rft_grpo")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    backend: str = help_field("transformers", "generation back end for all models")
+    backend_options: dict = field(default_factory=dict, metadata={"help": "passed to the back end"})
+    temperature: float = help_field(0.0, "0 = greedy, for reproducible scores")
+    max_new_tokens: int = help_field(256, "generation budget, thinking included")
+    max_examples_per_dataset: int | None = help_field(None, "cap per dataset (None: the whole eval split)")
+    latency_probe_n: int = help_field(8, "examples decoded one at a time per model and dataset for latency")
+    judge: str = help_field("rule", "judge kind (as in the judge stage)")
+    judge_options: dict = field(default_factory=dict, metadata={"help": "passed to the judge"})
+    chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
+    seed: int = help_field(0, "from base.seed")
+
+
+def score(example: dict[str, Any], verdict: Any, completion: Any, model: str,
+          profile: dict[str, int], latency_s: float) -> dict[str, Any]:
+    from steps.core.modeling import decode_flops, prefill_flops
+
+    _, response = P.split_completion(completion.text)
+    predicted = extract_answer(response)
+    is_musique = example["dataset"] == "musique"
+    return {"model": model, "dataset": example["dataset"], "id": example["id"], "completion": completion.text,
+            "response": response, "predicted_answer": predicted,
+            "em": max_over(exact_match, predicted, example["answers"]) if is_musique else None,
+            "f1": max_over(token_f1, predicted, example["answers"]) if is_musique else None,
+            "correct": int(verdict.correct), "helpful": int(verdict.helpful),
+            "completion_tokens": int(completion.completion_tokens),
+            "decode_tflops": decode_flops(profile, completion.prompt_tokens, completion.completion_tokens) / 1e12,
+            "prefill_tflops": prefill_flops(profile, completion.prompt_tokens) / 1e12,
+            "latency_s": float(latency_s)}
+
+
+def evaluate_model(cfg: EvaluateConfig, name: str, model_dir: str, examples: list[dict[str, Any]],
+                   shards: ShardWriter, judge: Any) -> dict[str, float]:
+    """Generate and score what is not in `shards` yet; returns median single-request latency per dataset."""
+    from steps.core.modeling import load_profile
+
+    done = shards.done_keys()
+    todo = [e for e in examples if (name, e["dataset"], e["id"]) not in done]
+    backend = make_backend(cfg.backend, model=model_dir, **cfg.backend_options)
+    profile = load_profile(model_dir)
+    tok = backend.tokenizer
+    sampling = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    prompts = [P.render(e, tok, cfg.chat_template_kwargs) for e in todo]
+    if todo:
+        def persist(indices: list[int], comps: list[list[Any]]) -> None:
+            exs = [todo[i] for i in indices]
+            verdicts = judge.judge(exs, [P.split_completion(c[0].text)[1] for c in comps])
+            shards.append([score(e, v, c[0], name, profile, c[0].latency_s) for e, v, c in zip(exs, verdicts, comps)])
+        print(f"evaluate: {name}: {len(todo)} examples", file=sys.stderr)
+        backend.generate(prompts, sampling, on_batch=persist)
+    latency: dict[str, float] = {}
+    for ds in sorted({e["dataset"] for e in examples}):
+        probe = [e for e in examples if e["dataset"] == ds][: cfg.latency_probe_n]
+        times = []
+        for e in probe:
+            t0 = time.perf_counter()
+            backend.generate([P.render(e, tok, cfg.chat_template_kwargs)], sampling)
+            times.append(time.perf_counter() - t0)
+        latency[ds] = statistics.median(times) if times else 0.0
+    backend.close()
+    return latency
+
+
+def summarise(predictions: list[dict[str, Any]], latency: dict[str, dict[str, float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"datasets": {}}
+    for ds in sorted({p["dataset"] for p in predictions}):
+        out["datasets"][ds] = {}
+        for model in [m for m in MODEL_ORDER if m in {p["model"] for p in predictions}] + sorted(
+                {p["model"] for p in predictions} - set(MODEL_ORDER)):
+            rows = [p for p in predictions if p["dataset"] == ds and p["model"] == model]
+            if not rows:
+                continue
+            n = len(rows)
+
+            def mean(key: str) -> float | None:
+                vals = [r[key] for r in rows if r[key] is not None]
+                return sum(vals) / len(vals) if vals else None
+            out["datasets"][ds][model] = {
+                "correctness": mean("correct"), "helpfulness": mean("helpful"), "em": mean("em"), "f1": mean("f1"),
+                "tokens_per_response": mean("completion_tokens"), "decode_tflops_per_response": mean("decode_tflops"),
+                "prefill_tflops_per_response": mean("prefill_tflops"),
+                "latency_s_per_response_batched": mean("latency_s"),
+                "latency_s_single_request": latency.get(model, {}).get(ds), "n": n}
+    return out
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    def fmt(v: Any, pct: bool = False, digits: int = 1) -> str:
+        if v is None:
+            return "–"
+        return f"{100 * v:.1f}" if pct else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    lines = []
+    for ds, models in summary["datasets"].items():
+        lines += [f"### {ds}", "",
+                  "| model | correct % | helpful % | EM % | F1 % | tokens/response | decode GFLOPs/response | latency ms (1 req) | n |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for m, s in models.items():
+            lat = None if s["latency_s_single_request"] is None else 1000 * s["latency_s_single_request"]
+            lines.append(f"| {m} | {fmt(s['correctness'], True)} | {fmt(s['helpfulness'], True)} | {fmt(s['em'], True)} | "
+                         f"{fmt(s['f1'], True)} | {fmt(s['tokens_per_response'])} | "
+                         f"{fmt(s['decode_tflops_per_response'] * 1e3, digits=3)} | {fmt(lat)} | {s['n']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], out_png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from steps.core.io import atomic_path
+
+    datasets = list(summary["datasets"])
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for m, s in summary["datasets"][ds].items():
+            ax.scatter(s["tokens_per_response"], 100 * s["correctness"], s=60)
+            ax.annotate(m, (s["tokens_per_response"], 100 * s["correctness"]), textcoords="offset points", xytext=(5, 5))
+        ax.set_xlabel("tokens per response (thinking included)")
+        ax.set_ylabel("correctness %")
+        ax.set_title(ds)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: EvaluateConfig, models: dict[str, str], examples: list[dict[str, Any]], work: Path) -> tuple[list[dict], dict]:
+    if cfg.max_examples_per_dataset:
+        examples = [e for ds in sorted({e["dataset"] for e in examples})
+                    for e in [x for x in examples if x["dataset"] == ds][: cfg.max_examples_per_dataset]]
+    shards = ShardWriter(work, key_fields=("model", "dataset", "id"))
+    judge = make_judge(cfg.judge, **cfg.judge_options)
+    latency = {name: evaluate_model(cfg, name, path, examples, shards, judge) for name, path in models.items()}
+    wanted = {(m, e["dataset"], e["id"]) for m in models for e in examples}
+    preds = [r for r in shards.rows() if (r["model"], r["dataset"], r["id"]) in wanted]
+    return preds, latency
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["score-musique"]:
+        from steps.core.musique_score import main as score_main
+        raise SystemExit(score_main(argv[1:]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", default="data/ingest/eval.jsonl")
+    ap.add_argument("--models", default="data/pretrain_demo/models.json")
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="an extra model to evaluate")
+    ap.add_argument("--out", default="data/evaluate")
+    ap.add_argument("--reports", default="reports")
+    args = ap.parse_args(argv)
+    cfg = load_config(EvaluateConfig, "evaluate", args.params)
+    registry = read_json(args.models)
+    models = {"teacher": registry["teacher"], "student_base": registry["student_base"]}
+    for spec in args.model:
+        name, _, path = spec.partition("=")
+        models[name] = path
+    examples = read_validated(args.data, EXAMPLES)
+    out, reports = Path(args.out), Path(args.reports)
+    work = out / ".resume" / config_hash(cfg, models, [e["id"] for e in examples])
+    preds, latency = run(cfg, models, examples, work)
+    validate(preds, PREDICTIONS, out / "predictions.jsonl")
+    summary = summarise(preds, latency)
+    write_jsonl(out / "predictions.jsonl", preds)
+    write_json(reports / "summary.json", summary)
+    write_text(reports / "summary.md", markdown(summary))
+    flat = {f"{ds}.{m}.{k}": v for ds, ms in summary["datasets"].items() for m, s in ms.items() for k, v in s.items()
+            if v is not None and k in ("correctness", "helpfulness", "em", "f1", "tokens_per_response",
+                                       "decode_tflops_per_response")}
+    write_json(reports / "metrics.json", flat)
+    write_jsonl(reports / "plots" / "models.jsonl",
+                [{"dataset": ds, "model": m, "tokens_per_response": s["tokens_per_response"],
+                  "correctness": s["correctness"]} for ds, ms in summary["datasets"].items() for m, s in ms.items()])
+    plot(summary, reports / "plots" / "tokens_vs_correctness.png")
+    import shutil
+    shutil.rmtree(out / ".resume", ignore_errors=True)
+    from steps.core import tracking
+    tracking.log_stage("evaluate", cfg, metrics={k.replace(".", "/"): v for k, v in flat.items()},
+                       artifacts=[reports / "summary.md", reports / "plots" / "tokens_vs_correctness.png"])
+    print(markdown(summary))
+
+
+if __name__ == "__main__":
+    main()

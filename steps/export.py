@@ -1,0 +1,113 @@
+"""export: the winning student as a self-contained bundle, registered in the MLflow registry.
+
+Input: the chosen model directory (rft_grpo by default), reports/summary.json. Output:
+bundle/ with safetensors weights, tokenizer, generation config, a model card (README.md)
+with the evaluation table and lineage, meta.json and checksums.json (sha256 per file); and
+registry.json naming the registered model version. Promotion between versions (aliases) is
+a separate, gated step.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steps.core.config import help_field, load_config
+from steps.core.io import InputError, read_json, write_json, write_text
+from steps.core.lineage import read_meta, write_meta
+
+BUNDLE_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "flops_profile.json")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model_name: str = help_field("livethinking-student", "registered model name in the MLflow registry")
+    source: str = help_field("rft_grpo", "which evaluated model to export (its row in summary.json)")
+    register: bool = help_field(True, "register a new model version")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_card(name: str, source: str, summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    from steps.evaluate import markdown
+
+    rows = {"datasets": {ds: {m: s for m, s in ms.items()} for ds, ms in summary["datasets"].items()}}
+    chain, node = [], meta
+    while node:
+        chain.append(f"- {node.get('stage', '?')}: commit `{node.get('git_commit')}`, config `{node.get('config_hash')}`, "
+                     f"parent `{node.get('parent')}`")
+        node = node.get("parent_meta")
+    return "\n".join([
+        f"# {name}", "",
+        f"A student model exported from the `{source}` stage of the LiveThinking pipeline: "
+        "rejection-sampling fine-tuning on judge-filtered teacher traces, then GRPO with a "
+        "correctness + helpfulness + length reward.", "",
+        "Completions have the form `<think> reasoning </think> response`; the response ends with "
+        "`the answer is X .` for extractive questions.", "",
+        "## Evaluation (eval split; the row to read is `" + source + "`)", "", markdown(rows),
+        "Decode FLOPs per generated token: 2·N_active + 2·n_layer·context·d_attn (see flops_profile.json).", "",
+        "## Lineage", "", *chain, ""])
+
+
+def build_bundle(model_dir: Path, bundle: Path, card: str, meta: dict[str, Any]) -> dict[str, str]:
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    tmp = bundle.with_name(bundle.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if not (model_dir / "model.safetensors").exists():
+        raise InputError(f"{model_dir}: no model.safetensors to export")
+    for name in BUNDLE_FILES:
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, tmp / name)
+    (tmp / "README.md").write_text(card)
+    write_json(tmp / "meta.json", meta)
+    checksums = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
+    write_json(tmp / "checksums.json", checksums)
+    tmp.rename(bundle)
+    return checksums
+
+
+def main(argv: list[str] | None = None) -> None:
+    from steps.core import tracking
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model-dir", default="data/grpo/model")
+    ap.add_argument("--summary", default="reports/summary.json")
+    ap.add_argument("--out", default="data/export")
+    args = ap.parse_args(argv)
+    cfg = load_config(ExportConfig, "export", args.params)
+    summary = read_json(args.summary)
+    metrics = {f"{ds}.{k}": v for ds, ms in summary["datasets"].items()
+               for k, v in (ms.get(cfg.source) or {}).items() if isinstance(v, (int, float))}
+    if not metrics:
+        raise InputError(f"{args.summary}: no evaluation of model {cfg.source!r}; have "
+                         f"{sorted({m for ms in summary['datasets'].values() for m in ms})}")
+    model_dir, out = Path(args.model_dir), Path(args.out)
+    parent_meta = read_meta(model_dir) or {}
+    meta = write_meta(out, "export", cfg, parent=str(model_dir), metrics=metrics, source=cfg.source)
+    (out / "meta.json").unlink()
+    meta["parent_meta"] = parent_meta
+    checksums = build_bundle(model_dir, out / "bundle", model_card(cfg.model_name, cfg.source, summary, meta), meta)
+    registry: dict[str, Any] = {"model_name": cfg.model_name, "version": None, "run_id": None}
+    if cfg.register:
+        tags = {"source": cfg.source, "git_commit": meta["git_commit"], "sha256": checksums["model.safetensors"]}
+        registry.update(tracking.register_bundle(cfg, out / "bundle", cfg.model_name,
+                                                 {k.replace(".", "/"): v for k, v in metrics.items()}, tags))
+    write_json(out / "registry.json", registry)
+    print(f"export: {out / 'bundle'} -> {registry}")
+
+
+if __name__ == "__main__":
+    main()

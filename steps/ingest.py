@@ -1,0 +1,248 @@
+"""ingest: read the sources named in params and write deterministic train/eval splits.
+
+Sources: `synthetic` (the embedded default: a MuSiQue-format multi-hop set and an ePQA-shaped
+e-commerce set, generated here and written to raw/ in their official formats), `musique`
+(official MuSiQue JSONL) and `ecommerce` (JSONL with documents, dialogue history, question and
+optional reference answers; the ePQA sample loads as is). All sources pass through the same
+loaders, so the synthetic set exercises exactly the path real files take.
+
+Outputs (examples schema): train.jsonl, eval.jsonl, plus stats.json. The split is a hash of
+the example id, so adding rows never moves an existing row between splits. A malformed input
+line stops the stage with the file, the line and the field named; nothing is written then.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steps.core import synth
+from steps.core.config import help_field, load_config
+from steps.core.io import InputError, iter_jsonl, write_json, write_jsonl
+from steps.core.schemas import EXAMPLES, validate
+
+SOURCES = ("synthetic", "musique", "ecommerce")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    sources: tuple[str, ...] = help_field(("synthetic",), "any of synthetic, musique, ecommerce")
+    musique_path: str | None = help_field(None, "official MuSiQue JSONL (source musique)")
+    ecommerce_path: str | None = help_field(None, "e-commerce JSONL in the ePQA shape (source ecommerce)")
+    synthetic_musique_n: int = help_field(2400, "synthetic multi-hop examples to generate")
+    synthetic_ecommerce_n: int = help_field(1200, "synthetic e-commerce examples to generate")
+    eval_fraction: float = help_field(0.1, "share of each dataset held out for evaluation")
+    max_eval_per_dataset: int = help_field(200, "cap on eval examples per dataset (the rest go to train)")
+    max_train_per_dataset: int | None = help_field(None, "cap on train examples per dataset")
+    seed: int = help_field(0, "from base.seed")
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.sources if s not in SOURCES]
+        if bad or not self.sources:
+            raise ValueError(f"sources {list(self.sources)}: each must be one of {list(SOURCES)}")
+        for src, path in (("musique", self.musique_path), ("ecommerce", self.ecommerce_path)):
+            if src in self.sources and not path:
+                raise ValueError(f"source {src} needs {src}_path")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+class _Row:
+    """Typed field access that names file, line and field in every error."""
+
+    def __init__(self, path: str, lineno: int, obj: dict[str, Any], prefix: str = ""):
+        self.path, self.lineno, self.obj, self.prefix = path, lineno, obj, prefix
+
+    def fail(self, field: str, expected: str, got: Any) -> InputError:
+        return InputError(f"{self.path}: line {self.lineno}: field '{self.prefix}{field}': "
+                          f"expected {expected}, got {got!r}"[:400])
+
+    def get(self, field: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if field not in self.obj or self.obj[field] is None:
+            if default is not ...:
+                return default
+            raise self.fail(field, _name(kind), "nothing (missing)")
+        v = self.obj[field]
+        if not isinstance(v, kind) or (isinstance(v, bool) and kind is int):
+            raise self.fail(field, _name(kind), v)
+        if isinstance(v, str) and kind is str and not v.strip() and default is ...:
+            raise self.fail(field, "a non-empty string", v)
+        return v
+
+    def items(self, field: str, default: Any = ...) -> list["_Row"]:
+        values = self.get(field, list, default)
+        out = []
+        for i, v in enumerate(values):
+            if not isinstance(v, dict):
+                raise self.fail(f"{field}[{i}]", "an object", v)
+            out.append(_Row(self.path, self.lineno, v, f"{self.prefix}{field}[{i}]."))
+        return out
+
+    def strings(self, field: str, default: Any = ...) -> list[str]:
+        values = self.get(field, list, default)
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise self.fail(f"{field}[{i}]", "a string", v)
+        return values
+
+
+def _name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true/false"}
+    return names.get(kind, str(kind)) if isinstance(kind, type) else " or ".join(names.get(k, str(k)) for k in kind)
+
+
+def _document(title: str, text: str) -> str:
+    text = " ".join(text.split())
+    return text if not title or text.lower().startswith(title.lower()) else f"{title} : {text}"
+
+
+def parse_musique(rows: list[tuple[int, dict[str, Any]]], path: str) -> tuple[list[dict[str, Any]], int]:
+    """Official MuSiQue records -> examples. Unanswerable records are skipped and counted."""
+    out, skipped = [], 0
+    for lineno, obj in rows:
+        r = _Row(path, lineno, obj)
+        if r.get("answerable", bool, True) is False:
+            skipped += 1
+            continue
+        paragraphs = r.items("paragraphs")
+        if not paragraphs:
+            raise r.fail("paragraphs", "at least one paragraph", [])
+        docs, gold = [], []
+        for j, p in enumerate(paragraphs):
+            if p.get("idx", int) != j:
+                raise p.fail("idx", f"{j} (paragraphs in idx order)", p.obj.get("idx"))
+            docs.append(_document(p.get("title", str, ""), p.get("paragraph_text", str)))
+            if p.get("is_supporting", bool, False):
+                gold.append(j)
+        steps = r.items("question_decomposition", [])
+        helpful, bridge = [], []
+        for s in steps[:-1]:  # every hop but the last is a bridge towards the answer
+            bridge.append(str(s.get("answer", (str, int))))
+            idx = s.get("paragraph_support_idx", int, None)
+            if idx is not None:
+                if not 0 <= idx < len(docs):
+                    raise s.fail("paragraph_support_idx", f"an index below {len(docs)}", idx)
+                helpful.append(idx)
+        out.append({"id": r.get("id", str), "dataset": "musique", "documents": docs, "history": [],
+                    "question": r.get("question", str),
+                    "answers": [r.get("answer", str), *r.strings("answer_aliases", [])],
+                    "gold_doc_idxs": gold, "helpful_doc_idxs": helpful, "bridge": bridge})
+    return out, skipped
+
+
+def _history(r: _Row) -> list[dict[str, str]]:
+    turns = []
+    for i, t in enumerate(r.get("dialogue_history", list, [])):
+        if isinstance(t, str):  # "user: ..." / "assistant: ..." strings are accepted too
+            role, _, content = t.partition(":")
+            role = role.strip().lower()
+            if role not in ("user", "assistant") or not content.strip():
+                raise r.fail(f"dialogue_history[{i}]", "'user: ...' or 'assistant: ...'", t)
+            turns.append({"role": role, "content": content.strip()})
+        elif isinstance(t, dict):
+            role, content = t.get("role"), t.get("content")
+            if role not in ("user", "assistant") or not isinstance(content, str):
+                raise r.fail(f"dialogue_history[{i}]", "{role: user|assistant, content: string}", t)
+            turns.append({"role": role, "content": content})
+        else:
+            raise r.fail(f"dialogue_history[{i}]", "a string or an object", t)
+    return turns
+
+
+def parse_ecommerce(rows: list[tuple[int, dict[str, Any]]], path: str) -> list[dict[str, Any]]:
+    """ePQA-shaped records -> examples. Document label 2 answers the question (gold), label 1
+    helps (what a helpful response adds), label 0 is irrelevant."""
+    out = []
+    for lineno, obj in rows:
+        r = _Row(path, lineno, obj)
+        docs, gold, helpful = [], [], []
+        title = r.get("product_title", str, "")
+        if title:
+            docs.append(f"product : {title}")
+        for d in r.items("documents"):
+            label = d.get("label", int, 0)
+            if label not in (0, 1, 2):
+                raise d.fail("label", "0, 1 or 2", label)
+            (gold if label == 2 else helpful if label == 1 else []).append(len(docs))
+            docs.append(" ".join(d.get("text", str).split()))
+        if not docs:
+            raise r.fail("documents", "at least one document", [])
+        qid = r.get("qid", (str, int))
+        out.append({"id": str(qid), "dataset": "ecommerce", "documents": docs, "history": _history(r),
+                    "question": r.get("question", str), "answers": r.strings("reference_answers", []),
+                    "gold_doc_idxs": gold, "helpful_doc_idxs": helpful, "bridge": []})
+    return out
+
+
+def _is_eval(example_id: str, fraction: float, seed: int) -> tuple[bool, int]:
+    h = int.from_bytes(hashlib.sha256(f"{seed}/{example_id}".encode()).digest()[:8], "little")
+    return (h % 1_000_000) < fraction * 1_000_000, h
+
+
+def split(examples: list[dict[str, Any]], cfg: IngestConfig) -> tuple[list[dict], list[dict]]:
+    train, evals = [], []
+    for ds in sorted({e["dataset"] for e in examples}):
+        rows = [e for e in examples if e["dataset"] == ds]
+        flagged = sorted(((_is_eval(e["id"], cfg.eval_fraction, cfg.seed)[1], e) for e in rows
+                          if _is_eval(e["id"], cfg.eval_fraction, cfg.seed)[0]), key=lambda t: t[0])
+        eval_ids = {e["id"] for _, e in flagged[:cfg.max_eval_per_dataset]}
+        ds_train = [e for e in rows if e["id"] not in eval_ids]
+        if cfg.max_train_per_dataset is not None:
+            ds_train = ds_train[:cfg.max_train_per_dataset]
+        train += ds_train
+        evals += [e for e in rows if e["id"] in eval_ids]
+    return train, evals
+
+
+def ingest(cfg: IngestConfig) -> tuple[list[dict], list[dict], dict[str, list[dict]], dict[str, Any]]:
+    """-> (train, eval, raw synthetic files by name, stats)."""
+    examples: list[dict[str, Any]] = []
+    raw: dict[str, list[dict]] = {}
+    stats: dict[str, Any] = {"skipped_unanswerable": 0}
+    if "synthetic" in cfg.sources:
+        raw["musique_synthetic.jsonl"] = synth.musique_rows(cfg.synthetic_musique_n, cfg.seed)
+        raw["ecommerce_synthetic.jsonl"] = synth.ecommerce_rows(cfg.synthetic_ecommerce_n, cfg.seed)
+        ex, _ = parse_musique(list(enumerate(raw["musique_synthetic.jsonl"], 1)), "synthetic musique")
+        examples += ex
+        examples += parse_ecommerce(list(enumerate(raw["ecommerce_synthetic.jsonl"], 1)), "synthetic ecommerce")
+    if "musique" in cfg.sources:
+        ex, skipped = parse_musique(list(iter_jsonl(cfg.musique_path)), str(cfg.musique_path))
+        examples += ex
+        stats["skipped_unanswerable"] += skipped
+    if "ecommerce" in cfg.sources:
+        examples += parse_ecommerce(list(iter_jsonl(cfg.ecommerce_path)), str(cfg.ecommerce_path))
+    dupes = [k for k, n in Counter(e["id"] for e in examples).items() if n > 1]
+    if dupes:
+        raise InputError(f"duplicate example ids across sources: {dupes[:5]}")
+    train, evals = split(examples, cfg)
+    for name, part in (("train", train), ("eval", evals)):
+        stats[name] = dict(Counter(e["dataset"] for e in part))
+    return train, evals, raw, stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="data/ingest")
+    args = ap.parse_args(argv)
+    cfg = load_config(IngestConfig, "ingest", args.params)
+    train, evals, raw, stats = ingest(cfg)
+    out = Path(args.out)
+    validate(train, EXAMPLES, out / "train.jsonl")
+    validate(evals, EXAMPLES, out / "eval.jsonl")
+    for name, rows in raw.items():
+        write_jsonl(out / "raw" / name, rows)
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "eval.jsonl", evals)
+    write_json(out / "stats.json", stats)
+    from steps.core import tracking
+    tracking.log_stage("ingest", cfg, metrics={f"{k}_{ds}": n for k in ("train", "eval")
+                                               for ds, n in stats[k].items()})
+    print(f"ingest: train {stats['train']} eval {stats['eval']} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""rft: rejection-sampling fine-tuning of the student on the judge-filtered teacher traces.
+
+Input: judge/kept.jsonl, ingest/train.jsonl (to rebuild prompts), pretrain_demo/models.json
+(the student base). Output: model/ (weights, tokenizer, generation config, meta.json,
+flops_profile.json), metrics.json and train_log.csv.
+
+Loss: L_total = L_SFT + lambda_aux * L_aux. TRL's SFTTrainer computes L_SFT on completion
+tokens only; for a Mixture-of-Experts student the model returns the router load-balancing
+loss L_aux and the trainer adds it with `router_aux_loss_coef` = `lambda_aux` (0 for dense
+models, where the term does not exist).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steps.core import training
+from steps.core.config import help_field, load_config
+from steps.core.io import InputError, read_json, write_json
+from steps.core.schemas import EXAMPLES, JUDGED, read_validated
+
+
+@dataclass(frozen=True)
+class RftConfig:
+    base_model: str | None = help_field(None, "student override; default: pretrain_demo/models.json student_base")
+    epochs: float = help_field(3.0, "passes over the kept set (ignored when max_steps > 0)")
+    max_steps: int = help_field(-1, "optimiser steps; -1 means use epochs")
+    learning_rate: float = help_field(1e-3, "peak learning rate (cosine schedule)")
+    warmup_ratio: float = help_field(0.05, "share of steps spent warming up")
+    batch_size: int = help_field(32, "sequences per device step")
+    lambda_aux: float | None = help_field(0.01, "MoE load-balancing loss weight; None: the model config's own")
+    max_length: int = help_field(512, "tokens per training sequence (prompt + completion)")
+    bf16: bool | None = help_field(None, "None: on GPU only")
+    threads: int = help_field(2, "torch CPU threads")
+    chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
+    seed: int = help_field(0, "from base.seed")
+
+
+def sft_rows(examples: list[dict[str, Any]], kept: list[dict[str, Any]], tokenizer: Any,
+             chat_template_kwargs: dict[str, Any]) -> list[dict[str, str]]:
+    by_id = {e["id"]: e for e in examples}
+    missing = sorted({k["id"] for k in kept} - set(by_id))
+    if missing:
+        raise InputError(f"kept candidates refer to unknown example ids: {missing[:5]}")
+    prompts = {r["id"]: r["prompt"] for r in training.prompt_rows(
+        [by_id[i] for i in {k["id"] for k in kept}], tokenizer, chat_template_kwargs)}
+    return [{"prompt": prompts[k["id"]], "completion": k["completion"]} for k in kept]
+
+
+def train_sft(cfg: RftConfig, rows: list[dict[str, str]], base_model: str, out_dir: Path,
+              stage_name: str = "rft") -> dict[str, Any]:
+    """Fine-tune `base_model` on prompt/completion rows with TRL; saves to out_dir/model.
+    Returns {"history": [...], "metrics": {...}}."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    if not rows:
+        raise InputError(f"{stage_name}: nothing to train on (the judge kept no candidate)")
+    training.set_threads(cfg.threads)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    is_moe = hasattr(model.config, "router_aux_loss_coef")
+    args = SFTConfig(**training.common_args(out_dir / "checkpoints", seed=cfg.seed, learning_rate=cfg.learning_rate,
+                                            batch_size=cfg.batch_size, max_steps=cfg.max_steps, epochs=cfg.epochs,
+                                            warmup_ratio=cfg.warmup_ratio, logging_steps=5, bf16=cfg.bf16),
+                     max_length=cfg.max_length, completion_only_loss=True, packing=False,
+                     router_aux_loss_coef=cfg.lambda_aux if is_moe else None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    result = trainer.train()
+    model_dir = out_dir / "model"
+    trainer.model.config.use_cache = True
+    trainer.save_model(str(model_dir))
+    tokenizer.save_pretrained(model_dir)
+    history = training.history_rows(trainer.state.log_history)
+    losses = [h["loss"] for h in history if "loss" in h]
+    aux = [h["aux_loss"] for h in history if "aux_loss" in h]
+    metrics = {"train_loss": float(result.training_loss), "final_loss": losses[-1] if losses else None,
+               "final_aux_loss": aux[-1] if aux else None, "steps": int(result.global_step),
+               "train_rows": len(rows), "moe": is_moe}
+    return {"history": history, "metrics": metrics}
+
+
+def write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    from steps.core.io import atomic_path
+
+    keys = sorted({k for h in history for k in h if k != "step"})
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", *keys])
+        w.writeheader()
+        w.writerows(history)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from steps.core import modeling, tracking
+    from steps.core.lineage import write_meta
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", default="data/ingest/train.jsonl")
+    ap.add_argument("--kept", default="data/judge/kept.jsonl")
+    ap.add_argument("--models", default="data/pretrain_demo/models.json")
+    ap.add_argument("--out", default="data/rft")
+    args = ap.parse_args(argv)
+    cfg = load_config(RftConfig, "rft", args.params)
+    base = cfg.base_model or read_json(args.models)["student_base"]
+    examples = read_validated(args.data, EXAMPLES)
+    kept = read_validated(args.kept, JUDGED)
+    from transformers import AutoTokenizer
+    rows = sft_rows(examples, kept, AutoTokenizer.from_pretrained(base), cfg.chat_template_kwargs)
+    out = Path(args.out)
+    result = train_sft(cfg, rows, base, out)
+    from transformers import AutoModelForCausalLM
+    modeling.save_profile(AutoModelForCausalLM.from_pretrained(out / "model"), out / "model")
+    write_meta(out / "model", "rft", cfg, parent=base, metrics=result["metrics"])
+    write_json(out / "metrics.json", result["metrics"])
+    write_log(out / "train_log.csv", result["history"])
+    tracking.log_stage("rft", cfg, metrics={k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
+                       history=result["history"])
+    print(f"rft: {result['metrics']}")
+
+
+if __name__ == "__main__":
+    main()

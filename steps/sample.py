@@ -1,0 +1,127 @@
+"""sample: teacher k-sampling — k candidate (thinking trace, response) pairs per training example.
+
+Input: ingest/train.jsonl and pretrain_demo/models.json (the teacher's path). Output:
+candidates.jsonl (candidates schema) and stats.json. The generation back end is chosen by
+name (`backend`: transformers in-process; vllm and openai plug in through the same protocol).
+
+Resumable: completions are persisted in whole shard files under `.resume/<key>/` as each
+batch arrives, where the key hashes the config, the model and the input file. A run killed at
+any moment and started again skips what is already there, so nothing is lost or duplicated;
+a changed config or input gets a fresh key, so stale samples never mix in.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steps.core import prompts as P
+from steps.core.backends import Completion, SamplingParams, make_backend
+from steps.core.config import config_hash, help_field, load_config
+from steps.core.io import ShardWriter, read_json, write_json, write_jsonl
+from steps.core.schemas import CANDIDATES, EXAMPLES, read_validated, validate
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    backend: str = help_field("transformers", "generation back end: transformers | vllm | openai")
+    backend_options: dict = field(default_factory=dict, metadata={"help": "passed to the back end (batch_size, base_url, ...)"})
+    model: str | None = help_field(None, "teacher override; default: pretrain_demo/models.json teacher")
+    k: int = help_field(4, "candidates per example")
+    temperature: float = help_field(1.0, "sampling temperature")
+    top_p: float = help_field(1.0, "nucleus sampling")
+    max_new_tokens: int = help_field(192, "generation budget per candidate, thinking included")
+    max_examples: int | None = help_field(None, "sample only the first N training examples")
+    shard_size: int = help_field(64, "prompts per generate call (and at most per resume shard)")
+    chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true} for Qwen3"})
+    seed: int = help_field(0, "from base.seed")
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+
+
+def candidate_row(example: dict[str, Any], j: int, c: Completion, model: str) -> dict[str, Any]:
+    thinking, response = P.split_completion(c.text)
+    return {"id": example["id"], "dataset": example["dataset"], "sample_idx": j, "completion": c.text,
+            "thinking": thinking, "response": response, "completion_tokens": int(c.completion_tokens),
+            "finish_reason": c.finish_reason, "model": model}
+
+
+def sample(cfg: SampleConfig, examples: list[dict[str, Any]], model: str, work: Path,
+           backend: Any = None) -> list[dict[str, Any]]:
+    """k candidates per example, resuming from shards in `work`. Returns rows in input order."""
+    from tqdm import tqdm
+
+    examples = examples[: cfg.max_examples] if cfg.max_examples else examples
+    shards = ShardWriter(work, key_fields=("id", "sample_idx"))
+    done = shards.done_keys()
+    todo = [e for e in examples if any((e["id"], j) not in done for j in range(cfg.k))]
+    if todo:
+        backend = backend or make_backend(cfg.backend, model=model, **cfg.backend_options)
+        tokenizer = getattr(backend, "tokenizer", None)
+        sampling = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="sample", unit="ex")
+        for start in range(0, len(todo), cfg.shard_size):
+            chunk = todo[start:start + cfg.shard_size]
+            prompts = [P.render(e, tokenizer, cfg.chat_template_kwargs) if tokenizer is not None
+                       else P.Prompt(messages=tuple(P.messages(e)), text="", key=e["id"]) for e in chunk]
+
+            def persist(indices: list[int], comps: list[list[Completion]], chunk=chunk) -> None:
+                rows = [candidate_row(chunk[i], j, c, model) for i, cs in zip(indices, comps) for j, c in enumerate(cs)]
+                shards.append([r for r in rows if (r["id"], r["sample_idx"]) not in done])
+                bar.update(len(indices))
+
+            backend.generate(prompts, sampling, on_batch=persist)
+        bar.close()
+    by_key = {(r["id"], r["sample_idx"]): r for r in shards.rows()}
+    return [by_key[(e["id"], j)] for e in examples for j in range(cfg.k) if (e["id"], j) in by_key]
+
+
+def stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"candidates": len(rows)}
+    for ds in sorted({r["dataset"] for r in rows}):
+        part = [r for r in rows if r["dataset"] == ds]
+        out[ds] = {"candidates": len(part),
+                   "mean_completion_tokens": sum(r["completion_tokens"] for r in part) / len(part),
+                   "truncated_fraction": sum(r["finish_reason"] == "length" for r in part) / len(part)}
+    return out
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", default="data/ingest/train.jsonl")
+    ap.add_argument("--models", default="data/pretrain_demo/models.json")
+    ap.add_argument("--out", default="data/sample")
+    args = ap.parse_args(argv)
+    cfg = load_config(SampleConfig, "sample", args.params)
+    examples = read_validated(args.data, EXAMPLES)
+    model = cfg.model or read_json(args.models)["teacher"]
+    out = Path(args.out)
+    model_id = _file_digest(Path(model) / "config.json") if (Path(model) / "config.json").exists() else model
+    work = out / ".resume" / config_hash(cfg, model, model_id, _file_digest(Path(args.data)))
+    rows = sample(cfg, examples, model, work)
+    validate(rows, CANDIDATES, out / "candidates.jsonl")
+    write_jsonl(out / "candidates.jsonl", rows)
+    st = stats(rows)
+    write_json(out / "stats.json", st)
+    shutil.rmtree(out / ".resume", ignore_errors=True)  # only after the output is safely written
+    from steps.core import tracking
+    tracking.log_stage("sample", cfg, metrics={f"{ds}_mean_completion_tokens": v["mean_completion_tokens"]
+                                               for ds, v in st.items() if isinstance(v, dict)})
+    print(f"sample: {len(rows)} candidates -> {out / 'candidates.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()

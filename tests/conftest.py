@@ -1,0 +1,40 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PIPELINE_TRACKING", "off")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real servers, whole pipelines, training runs (CI runs them)")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real public data samples; skipped cleanly in a clone without ../shared."""
+    if not SHARED.exists():
+        pytest.skip("../shared/data is not present in this checkout")
+    return SHARED
+
+
+@pytest.fixture
+def musique_example() -> dict:
+    return {"id": "2hop__1", "dataset": "musique",
+            "documents": ["zono works in dakasu .", "dadada is a city in kestria .", "zono was born in dadada .",
+                          "dakasu is a city in sarnia ."],
+            "history": [], "question": "in which country was zono born ?", "answers": ["kestria"],
+            "gold_doc_idxs": [1, 2], "helpful_doc_idxs": [2], "bridge": ["dadada"]}
+
+
+@pytest.fixture
+def ecommerce_example() -> dict:
+    return {"id": "e1", "dataset": "ecommerce",
+            "documents": ["the tolka lamp is green .", "the vimbo lamp is red .", "the tolka lamp is made of glass ."],
+            "history": [{"role": "user", "content": "the tolka lamp ."}], "question": "what color is it ?",
+            "answers": ["the tolka lamp is green ."], "gold_doc_idxs": [0], "helpful_doc_idxs": [2], "bridge": []}
