@@ -41,6 +41,7 @@ class GrpoConfig:
     learning_rate: float = help_field(2e-4, "peak learning rate")
     warmup_ratio: float = help_field(0.05, "share of steps spent warming up")
     beta: float = help_field(0.0, "KL coefficient beta (0: no reference model)")
+    lambda_aux: float | None = help_field(None, "MoE load-balancing loss weight; None: the model config's own")
     epsilon: float = help_field(0.2, "clip eta of the ratio objective")
     temperature: float = help_field(1.0, "rollout temperature")
     max_completion_length: int = help_field(160, "rollout budget in tokens")
@@ -76,11 +77,12 @@ def measure_ref_lengths(model_dir: str, rows: list[dict[str, Any]], cfg: GrpoCon
 
 def train_grpo(cfg: GrpoConfig, rows: list[dict[str, Any]], policy: str, out_dir: Path) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     training.set_threads(cfg.threads)
     reward_fns, weights = make_rewards(cfg.rewards)
+    is_moe = hasattr(AutoConfig.from_pretrained(policy), "output_router_logits")
     batch = cfg.prompts_per_step * cfg.num_generations
     args = GRPOConfig(**training.common_args(out_dir / "checkpoints", seed=cfg.seed, learning_rate=cfg.learning_rate,
                                              batch_size=batch, max_steps=cfg.max_steps, epochs=1.0,
@@ -88,7 +90,12 @@ def train_grpo(cfg: GrpoConfig, rows: list[dict[str, Any]], policy: str, out_dir
                       num_generations=cfg.num_generations, generation_batch_size=batch,
                       max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                       beta=cfg.beta, epsilon=cfg.epsilon, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
-                      reward_weights=weights, remove_unused_columns=False, log_completions=False)
+                      reward_weights=weights, remove_unused_columns=False, log_completions=False,
+                      router_aux_loss_coef=cfg.lambda_aux,
+                      # Rollouts must not compute the MoE router loss: with padded, cached
+                      # generation it fails in transformers; TRL asks for router logits in the
+                      # training forward pass itself.
+                      model_init_kwargs={"output_router_logits": False} if is_moe else None)
     tokenizer = AutoTokenizer.from_pretrained(policy)
     # GRPO builds its reference model from the policy's path, so pass the directory.
     trainer = GRPOTrainer(model=policy, reward_funcs=reward_fns, args=args, train_dataset=Dataset.from_list(rows),

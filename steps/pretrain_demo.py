@@ -90,15 +90,14 @@ def write_trace(ex: dict[str, Any], rng: random.Random, pool: list[dict[str, Any
         if wrong:
             lures = [d for i, d in enumerate(docs) if i not in ex["gold_doc_idxs"] + ex["helpful_doc_idxs"]]
             answer_sentence = rng.choice(lures) if lures else answer_sentence
-    fillers = [rng.choice(FILLERS) for _ in range(rng.randint(0, max_fillers))]
+    # Verbosity in a fixed order (restatement, fillers, facts, re-check), so the reasoning
+    # itself stays regular and the lengths vary per example: GRPO needs short samples to reward.
     think: list[str] = []
     if rng.random() < 0.5:
         think.append(f"the question is : {ex['question']}")
-    body = list(facts)
-    for f in fillers:
-        body.insert(rng.randint(0, len(body)), f)
-    think += body
-    if rng.random() < 0.5 and max_fillers:
+    think += [rng.choice(FILLERS) for _ in range(rng.randint(0, max_fillers))]
+    think += facts
+    if max_fillers and rng.random() < 0.5:
         think += ["let me check the documents again .", *facts]
     think.append(f"so {answer_sentence}" if ex["dataset"] == "musique" else answer_sentence)
     response = [answer_sentence]

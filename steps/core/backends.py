@@ -103,6 +103,10 @@ class TransformersBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = model_obj or AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+        if getattr(self.model.config, "output_router_logits", False):
+            # The MoE router loss is a training term; computing it during cached, masked
+            # generation fails in transformers (shape mismatch) and costs time.
+            self.model.config.output_router_logits = False
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.model_name = model

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-INSTRUCTION = "use the documents . say : the answer is X ."
+INSTRUCTION = "reply with : the answer is X ."
 
 
 @dataclass(frozen=True)

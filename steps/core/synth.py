@@ -65,7 +65,7 @@ def _musique_row(world: World, rng: random.Random, i: int) -> dict[str, Any]:
         hops = [(f"who is the spouse of {p} ?", q, f"{p} is married to {q} ."),
                 (f"where was #1 born ?", c, f"{q} was born in {c} .")]
         lures = [f"{q} works in {c2} .", f"{p} was born in {c3} .", f"{lure_p} was born in {c2} ."]
-    n_lures = rng.randint(1, 3)
+    n_lures = rng.randint(1, 2)
     texts = [(h[2], True) for h in hops] + [(t, False) for t in rng.sample(lures, n_lures)]
     rng.shuffle(texts)
     paragraphs = [{"idx": j, "title": t.split()[0], "paragraph_text": t, "is_supporting": s}
@@ -115,9 +115,8 @@ def _ecommerce_row(rng: random.Random, i: int) -> dict[str, Any]:
     if rng.random() < 0.5:
         docs.append((_ATTR_QUESTIONS[related][1].format(p=sibling, v=sib_vals[related]), 0))
     rng.shuffle(docs)
-    history = [{"role": "user", "content": f"i am looking at the {product} and the {sibling} ."},
-               {"role": "assistant", "content": "sure , which one would you like to know about ?"},
-               {"role": "user", "content": f"the {product} ."}]
+    history = [{"role": "user", "content": f"i like the {product} ."},
+               {"role": "assistant", "content": "sure ."}]
     return {"qid": f"synth{i:06d}", "question": question, "dialogue_history": history,
             "documents": [{"qa_pair_id": str(j), "source": "attribute", "text": t, "label": lab}
                           for j, (t, lab) in enumerate(docs)],

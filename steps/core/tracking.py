@@ -115,3 +115,53 @@ def register_bundle(stage_cfg: Any, bundle: Path, model_name: str, metrics: dict
         mv = client.create_model_version(model_name, source=source, run_id=run.info.run_id,
                                          tags={k: str(v) for k, v in tags.items()})
         return {"run_id": run.info.run_id, "version": int(mv.version), "source": source}
+
+
+# --- Model registry: aliases, version metrics and tags (used by steps.promote) -------------
+# These read and write the registry only; they do not start runs. A missing registered model
+# or alias is an answer (None), not an error: the first promotion finds no champion.
+
+def _client():
+    mlflow = _mlflow()
+    return mlflow, mlflow.MlflowClient()
+
+
+def model_version(model_name: str, version: int) -> dict[str, Any]:
+    """One registered version: {version, run_id, source, metrics (its run's final metrics),
+    tags, aliases}."""
+    mlflow, client = _client()
+    try:
+        mv = client.get_model_version(model_name, str(version))
+    except mlflow.exceptions.MlflowException as e:
+        raise LookupError(f"model registry: {model_name!r} has no version {version} ({e.message})") from None
+    metrics = dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+    return {"version": int(mv.version), "run_id": mv.run_id, "source": mv.source, "metrics": metrics,
+            "tags": dict(mv.tags or {}), "aliases": sorted(mv.aliases or [])}
+
+
+def alias_version(model_name: str, alias: str) -> int | None:
+    """The version that holds `alias`, or None (no such alias, or no such registered model)."""
+    mlflow, client = _client()
+    try:
+        aliases = client.get_registered_model(model_name).aliases or {}
+    except mlflow.exceptions.MlflowException:
+        return None
+    return int(aliases[alias]) if alias in aliases else None
+
+
+def set_aliases(model_name: str, aliases: dict[str, int | None]) -> None:
+    """Point each alias at a version; None removes the alias."""
+    _, client = _client()
+    for alias, version in aliases.items():
+        if version is None:
+            if alias_version(model_name, alias) is not None:
+                client.delete_registered_model_alias(model_name, alias)
+        else:
+            client.set_registered_model_alias(model_name, alias, str(version))
+
+
+def tag_model_version(model_name: str, version: int, tags: dict[str, Any]) -> None:
+    """Set tags on a registered version (MLflow caps a tag value at 5000 characters)."""
+    _, client = _client()
+    for k, v in tags.items():
+        client.set_model_version_tag(model_name, str(version), k, str(v)[:5000])
