@@ -6,6 +6,13 @@ PRED lines: {id, predicted_answer, predicted_support_idxs, predicted_answerable}
 with answer_em, answer_f1 and support_f1, rounded to 3 decimals as the official
 evaluate_v1.0.py prints them: means over the answerable gold questions (on MuSiQue-Ans every
 question). Files must hold the same ids, one line each: a mismatch is refused, naming it.
+Where we depart: the official script also demands the same line order; here lines are joined
+by id, so a reordered prediction file scores the same instead of failing.
+
+Support F1 is the official SupportMetric (hotpot_eval's), not `metrics.support_f1`: indices
+pass through int() and an empty predicted set scores 0 even against an empty gold set (the
+shared helper counts that as 1). On MuSiQue-Ans the gold set is never empty, so the two agree
+on real data, but this file promises the official numbers.
 """
 from __future__ import annotations
 
@@ -15,7 +22,24 @@ import sys
 from pathlib import Path
 
 from steps.core.io import InputError, iter_jsonl
-from steps.core.metrics import exact_match, max_over, support_f1, token_f1
+from steps.core.metrics import exact_match, max_over, token_f1
+
+
+def official_support_f1(predicted: list[int], gold: list[int]) -> float:
+    """evaluate_v1.0.py's SupportMetric F1: precision and recall are 0 when undefined."""
+    pred_set, gold_set = set(map(int, predicted)), set(map(int, gold))
+    tp = len(pred_set & gold_set)
+    precision = tp / len(pred_set) if pred_set else 0.0
+    recall = tp / len(gold_set) if gold_set else 0.0
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def _int_like(value: object) -> bool:
+    try:
+        int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def score_files(gold_path: Path | str, pred_path: Path | str) -> dict[str, float]:
@@ -29,6 +53,10 @@ def score_files(gold_path: Path | str, pred_path: Path | str) -> dict[str, float
         for field in ("id", "predicted_answer", "predicted_support_idxs"):
             if field not in p:
                 raise InputError(f"{pred_path}: line {lineno}: field '{field}' is missing")
+        idxs = p["predicted_support_idxs"]
+        if not isinstance(idxs, list) or not all(_int_like(i) for i in idxs):
+            raise InputError(f"{pred_path}: line {lineno}: field 'predicted_support_idxs': expected a list of "
+                             f"paragraph indices, got {idxs!r}")
         if p["id"] in by_id:
             raise InputError(f"{pred_path}: line {lineno}: duplicate id {p['id']!r}")
         by_id[p["id"]] = p
@@ -43,7 +71,7 @@ def score_files(gold_path: Path | str, pred_path: Path | str) -> dict[str, float
         ems.append(max_over(exact_match, str(p["predicted_answer"]), answers))
         f1s.append(max_over(token_f1, str(p["predicted_answer"]), answers))
         gold_support = [q["idx"] for q in g["paragraphs"] if q.get("is_supporting")]
-        sups.append(support_f1(p["predicted_support_idxs"], gold_support))
+        sups.append(official_support_f1(p["predicted_support_idxs"], gold_support))
     mean = lambda xs: round(sum(xs) / len(xs), 3) if xs else 0.0  # noqa: E731
     return {"answer_f1": mean(f1s), "answer_em": mean(ems), "support_f1": mean(sups)}
 
