@@ -28,6 +28,8 @@ class ExportConfig:
     model_name: str = help_field("livethinking-student", "registered model name in the MLflow registry")
     source: str = help_field("rft_grpo", "which evaluated model to export (its row in summary.json)")
     register: bool = help_field(True, "register a new model version")
+    s3_uri: str | None = help_field(None, "also upload the bundle with a sha256 manifest to "
+                                          "<s3_uri>/<model_name>/v<version> (steps.core.storage)")
 
 
 def sha256(path: Path) -> str:
@@ -105,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         tags = {"source": cfg.source, "git_commit": meta["git_commit"], "sha256": checksums["model.safetensors"]}
         registry.update(tracking.register_bundle(cfg, out / "bundle", cfg.model_name,
                                                  {k.replace(".", "/"): v for k, v in metrics.items()}, tags))
+    if cfg.s3_uri:
+        from steps.core import storage
+
+        ref = f"v{registry['version']}" if registry["version"] else checksums["model.safetensors"][:12]
+        registry["s3_uri"] = f"{cfg.s3_uri.rstrip('/')}/{cfg.model_name}/{ref}"
+        storage.upload_dir(out / "bundle", registry["s3_uri"])
     write_json(out / "registry.json", registry)
     print(f"export: {out / 'bundle'} -> {registry}")
 

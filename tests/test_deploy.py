@@ -1,0 +1,152 @@
+"""flows.deploy: specs without a server; then a real `prefect server`, a process work pool, a
+cron deployment of a tiny flow, the server's scheduler creating its run and a worker running it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.deploy import DeploySpec, spec_for
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+TINY_FLOW = '''
+from pathlib import Path
+from prefect import flow
+
+@flow(name="tiny-nightly")
+def tiny(marker: str, greeting: str = "hello") -> str:
+    Path(marker).write_text(greeting)
+    return greeting
+'''
+
+
+def test_specs():
+    local = spec_for("local", environ={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "AWS_SECRET_ACCESS_KEY": "x"})
+    assert (local.pool_type, local.cron, local.entrypoint) == ("process", "0 2 * * *", "flows/pipeline.py:pipeline")
+    assert local.job_variables["env"] == {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}  # no secrets pinned
+    prod = spec_for("production", environ={}, image="livethinking/light:1.0", workspace="/srv/lt", cron="0 3 * * 1")
+    assert prod.pool_type == "docker" and prod.cron == "0 3 * * 1"
+    assert prod.job_variables["network_mode"] == "host" and "/srv/lt:/app" in prod.job_variables["volumes"]
+    with pytest.raises(ValueError, match="5 fields"):
+        DeploySpec(cron="nightly")
+    with pytest.raises(ValueError, match="needs an image"):
+        DeploySpec(pool_type="docker")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    # Own session: teardown signals the whole process group (server services, flow-run children).
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # Children that outlived their leader are still in the group.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    import httpx
+
+    tmp = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "10",
+           "PYTHONPATH": str(ROOT)}
+    server = _start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, tmp / "server.log")
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{env['PREFECT_API_URL']}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield env, tmp
+    finally:
+        _stop(server)
+
+
+def _deploy(env: dict[str, str], *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "flows.deploy", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_cron_deployment_is_scheduled_and_run_by_a_process_worker(prefect_server):
+    import httpx
+
+    env, tmp = prefect_server
+    api = env["PREFECT_API_URL"]
+    src = tmp / "src"
+    src.mkdir()
+    (src / "tiny_flow.py").write_text(TINY_FLOW)
+    marker = tmp / "ran.txt"
+    out = _deploy(env, "--target", "local", "--source", str(src), "--entrypoint", "tiny_flow.py:tiny",
+                  "--name", "tiny-nightly", "--work-pool", "test-process", "--cron", "* * * * *",
+                  "--param", f"marker={marker}", "--param", "greeting=nightly")
+    dep = httpx.get(f"{api}/deployments/{out['deployment_id']}").json()
+    assert dep["work_pool_name"] == "test-process"
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["* * * * *"] and dep["schedules"][0]["active"]
+    assert dep["parameters"] == {"marker": str(marker), "greeting": "nightly"}
+
+    # The production target registers against a docker pool (nothing runs: paused, no worker).
+    prod = _deploy(env, "--target", "production", "--image", "livethinking/light:test", "--workspace", "/srv/lt",
+                   "--work-pool", "test-docker", "--paused")
+    pdep = httpx.get(f"{api}/deployments/{prod['deployment_id']}").json()
+    assert pdep["entrypoint"] == "flows/pipeline.py:pipeline" and pdep["job_variables"]["image"] == "livethinking/light:test"
+    assert httpx.get(f"{api}/work_pools/test-docker").json()["type"] == "docker"
+
+    worker = _start([PREFECT, "worker", "start", "--pool", "test-process", "--type", "process", "--limit", "1"],
+                    env, tmp / "worker.log")
+    try:
+        deadline = time.monotonic() + 150  # the next minute boundary, then the run itself
+        runs: list[dict] = []
+        while time.monotonic() < deadline:
+            runs = httpx.post(f"{api}/flow_runs/filter", json={
+                "flow_runs": {"deployment_id": {"any_": [out["deployment_id"]]}}}).json()
+            if any(r["state_type"] == "COMPLETED" for r in runs):
+                break
+            assert worker.poll() is None, (tmp / "worker.log").read_text()[-3000:]
+            time.sleep(2)
+        done = [r for r in runs if r["state_type"] == "COMPLETED"]
+        assert done, f"no completed run; runs: {[(r['name'], r['state_type']) for r in runs]}\n" \
+                     + (tmp / "worker.log").read_text()[-3000:]
+        run = done[0]
+        assert run["auto_scheduled"], "the run should come from the server's scheduler, not a manual trigger"
+        assert run["expected_start_time"].split(":")[2].startswith("00"), run["expected_start_time"]
+        assert run["parameters"]["greeting"] == "nightly"
+        assert marker.read_text() == "nightly"
+    finally:
+        _stop(worker)
