@@ -2,8 +2,11 @@
 
 Each task runs `dvc repro --single-item <stage>`, so DVC's cache decides whether the stage
 has anything to do (an unchanged stage is skipped in a second or two) and the flow adds
-orchestration, logs, retries of nothing but I/O, and an MLflow parent run under which every
-stage logs a nested run.
+orchestration, logs, and an MLflow parent run under which every stage logs a nested run.
+
+`runner: docker` in params.yaml (section `runner`) runs each stale stage in its own container
+instead (flows/docker_runner.py) and then records it with `dvc commit`, so DVC's view stays
+the same whichever runner did the work.
 
     python -m flows.pipeline                      # the main job, ephemeral Prefect, no server
     python -m flows.pipeline --stages grpo evaluate export   # a part of it
@@ -11,6 +14,7 @@ stage logs a nested run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -33,11 +37,7 @@ def stage_names(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
 
 
-@task(name="dvc-stage", task_run_name="{stage}")
-def run_stage(stage: str, env: dict[str, str], force: bool = False) -> str:
-    """Run one DVC stage and stream its log into the task log."""
-    logger = get_run_logger()
-    cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+def _stream(cmd: list[str], env: dict[str, str], stage: str, logger: Any) -> None:
     logger.info("$ %s", " ".join(cmd))
     tail: deque[str] = deque(maxlen=40)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -52,6 +52,36 @@ def run_stage(stage: str, env: dict[str, str], force: bool = False) -> str:
                 logger.info("%s | %s", stage, line)
     if proc.returncode != 0:
         raise StageFailed(f"stage {stage} failed (exit {proc.returncode}); last lines:\n" + "\n".join(tail))
+
+
+def is_stale(stage: str, env: dict[str, str]) -> bool:
+    """DVC's own verdict on one stage (its upstream is already up to date: stages run in order)."""
+    out = subprocess.run(["dvc", "status", "--json", stage], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout
+    return bool(json.loads(out or "{}"))
+
+
+@task(name="dvc-stage", task_run_name="{stage}")
+def run_stage(stage: str, env: dict[str, str], force: bool = False, runner: dict[str, Any] | None = None) -> str:
+    """Run one DVC stage (locally or in its container) and stream its log into the task log."""
+    logger = get_run_logger()
+    runner = runner or {"kind": "local"}
+    if runner.get("kind", "local") == "local":
+        _stream(["dvc", "repro", "--single-item", stage] + (["--force"] if force else []), env, stage, logger)
+        return stage
+    from flows.docker_runner import DockerRunnerConfig, StageContainerFailed, run_stage_container
+
+    if not force and not is_stale(stage, env):
+        logger.info("%s is up to date", stage)
+        return stage
+    cfg = DockerRunnerConfig(workspace=os.environ.get("LIVETHINKING_WORKSPACE", os.getcwd()),
+                             **{k: v for k, v in runner.items() if k != "kind"})
+    try:
+        run_stage_container(stage, cfg, log=lambda line: logger.info("%s | %s", stage, line),
+                            environ={**os.environ, **env})
+    except StageContainerFailed as e:
+        raise StageFailed(str(e)) from None
+    _stream(["dvc", "commit", "--force", stage], env, stage, logger)
     return stage
 
 
@@ -63,10 +93,14 @@ def pipeline(stages: list[str] | None = None, force: bool = False) -> dict[str, 
     from steps.core.io import read_json
 
     todo = stages or stage_names()
-    with tracking.pipeline_run("pipeline", load_params()) as parent:
+    params = load_params()
+    runner = params.get("runner") or {"kind": "local"}
+    if runner.get("kind", "local") not in ("local", "docker"):
+        raise ValueError(f"params.yaml: runner.kind must be local or docker, got {runner.get('kind')!r}")
+    with tracking.pipeline_run("pipeline", params) as parent:
         env = {"MLFLOW_PARENT_RUN_ID": parent} if parent else {}
         for stage in todo:
-            run_stage(stage, env, force)
+            run_stage(stage, env, force, runner)
     summary = Path("reports/summary.json")
     return read_json(summary) if summary.exists() else {}
 

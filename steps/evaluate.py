@@ -75,9 +75,9 @@ def evaluate_model(cfg: EvaluateConfig, name: str, model_dir: str, examples: lis
     todo = [e for e in examples if (name, e["dataset"], e["id"]) not in done]
     backend = make_backend(cfg.backend, model=model_dir, **cfg.backend_options)
     profile = load_profile(model_dir)
-    tok = backend.tokenizer
+    tok = getattr(backend, "tokenizer", None)
     sampling = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    prompts = [P.render(e, tok, cfg.chat_template_kwargs) for e in todo]
+    prompts = [P.build(e, tok, cfg.chat_template_kwargs) for e in todo]
     if todo:
         def persist(indices: list[int], comps: list[list[Any]]) -> None:
             exs = [todo[i] for i in indices]
@@ -91,7 +91,7 @@ def evaluate_model(cfg: EvaluateConfig, name: str, model_dir: str, examples: lis
         times = []
         for e in probe:
             t0 = time.perf_counter()
-            backend.generate([P.render(e, tok, cfg.chat_template_kwargs)], sampling)
+            backend.generate([P.build(e, tok, cfg.chat_template_kwargs)], sampling)
             times.append(time.perf_counter() - t0)
         latency[ds] = statistics.median(times) if times else 0.0
     backend.close()
@@ -137,7 +137,39 @@ def markdown(summary: dict[str, Any]) -> str:
                          f"{fmt(s['f1'], True)} | {fmt(s['tokens_per_response'])} | "
                          f"{fmt(s['decode_tflops_per_response'] * 1e3, digits=3)} | {fmt(lat)} | {s['n']} |")
         lines.append("")
+    checks = effect_checks(summary)
+    if checks:
+        lines += ["### LiveThinking's effect on the musique eval set", "", "| claim | measured | target | holds |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['value']:+.3f} | {c['target']:+.3f} | {'yes' if c['holds'] else 'no'} |"
+                  for c in checks]
+        lines.append("")
     return "\n".join(lines)
+
+
+def effect_checks(summary: dict[str, Any], dataset: str = "musique") -> list[dict[str, Any]]:
+    """LiveThinking's effect at small scale, as checkable claims on one dataset's eval set."""
+    ms = summary["datasets"].get(dataset, {})
+    need = ("teacher", "student_base", "rft", "rft_grpo")
+    if not all(m in ms for m in need):
+        return []
+    t, b, r, g = (ms[m] for m in need)
+
+    def claim(text: str, value: float, target: float, ok: bool) -> dict[str, Any]:
+        return {"claim": text, "value": round(value, 4), "target": round(target, 4), "holds": bool(ok)}
+    return [
+        claim("rft correctness >= student_base + 10 points", r["correctness"] - b["correctness"], 0.10,
+              r["correctness"] >= b["correctness"] + 0.10),
+        claim("rft_grpo tokens/response <= 0.5 x rft", g["tokens_per_response"] / max(r["tokens_per_response"], 1e-9),
+              0.5, g["tokens_per_response"] <= 0.5 * r["tokens_per_response"]),
+        claim("rft_grpo EM >= rft EM - 3 points", (g["em"] or 0) - (r["em"] or 0), -0.03,
+              (g["em"] or 0) >= (r["em"] or 0) - 0.03),
+        claim("rft_grpo helpfulness >= rft - 5 points", g["helpfulness"] - r["helpfulness"], -0.05,
+              g["helpfulness"] >= r["helpfulness"] - 0.05),
+        claim("rft_grpo decode TFLOPs <= 0.25 x teacher",
+              g["decode_tflops_per_response"] / max(t["decode_tflops_per_response"], 1e-30), 0.25,
+              g["decode_tflops_per_response"] <= 0.25 * t["decode_tflops_per_response"]),
+    ]
 
 
 def plot(summary: dict[str, Any], out_png: Path) -> None:
@@ -202,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     validate(preds, PREDICTIONS, out / "predictions.jsonl")
     summary = summarise(preds, latency)
     write_jsonl(out / "predictions.jsonl", preds)
+    summary["effect_checks"] = {"musique": effect_checks(summary)}
     write_json(reports / "summary.json", summary)
     write_text(reports / "summary.md", markdown(summary))
     flat = {f"{ds}.{m}.{k}": v for ds, ms in summary["datasets"].items() for m, s in ms.items() for k, v in s.items()

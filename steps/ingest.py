@@ -184,7 +184,8 @@ def _is_eval(example_id: str, fraction: float, seed: int) -> tuple[bool, int]:
 
 def split(examples: list[dict[str, Any]], cfg: IngestConfig) -> tuple[list[dict], list[dict]]:
     train, evals = [], []
-    for ds in sorted({e["dataset"] for e in examples}):
+    datasets = sorted({e["dataset"] for e in examples})
+    for ds in datasets:
         rows = [e for e in examples if e["dataset"] == ds]
         flagged = sorted(((_is_eval(e["id"], cfg.eval_fraction, cfg.seed)[1], e) for e in rows
                           if _is_eval(e["id"], cfg.eval_fraction, cfg.seed)[0]), key=lambda t: t[0])
@@ -194,7 +195,10 @@ def split(examples: list[dict[str, Any]], cfg: IngestConfig) -> tuple[list[dict]
             ds_train = ds_train[:cfg.max_train_per_dataset]
         train += ds_train
         evals += [e for e in rows if e["id"] in eval_ids]
-    return train, evals
+    # A deterministic shuffle, so that any prefix (sample.max_examples, grpo.max_prompts) mixes
+    # the datasets in proportion.
+    order = lambda e: _is_eval(e["id"], cfg.eval_fraction, cfg.seed)[1] % 1_000_003  # noqa: E731
+    return sorted(train, key=order), sorted(evals, key=lambda e: (e["dataset"], order(e)))
 
 
 def ingest(cfg: IngestConfig) -> tuple[list[dict], list[dict], dict[str, list[dict]], dict[str, Any]]:

@@ -103,7 +103,9 @@ def write_trace(ex: dict[str, Any], rng: random.Random, pool: list[dict[str, Any
     response = [answer_sentence]
     supplement = [docs[i] for i in ex["helpful_doc_idxs"]]
     if supplement and rng.random() >= p_unhelpful:
-        response += supplement
+        # A fixed opener: otherwise greedy decoding prefers the single end-of-sequence token
+        # to the many possible first words of the supplement, and never adds it.
+        response += ["this is because" if ex["dataset"] == "musique" else "also ,", *supplement]
     return P.join_completion(" ".join(think), " ".join(response))
 
 
@@ -153,7 +155,7 @@ def train_lm(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = float(out.loss)
+        loss = out.loss.item()
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         bar.set_postfix(loss=f"{ema:.3f}")
         if step % 10 == 0 or step == steps - 1:
@@ -164,7 +166,8 @@ def train_lm(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: 
 
 def corpus_texts(examples: list[dict[str, Any]]) -> list[str]:
     """Every string the models will read or write, for the vocabulary."""
-    texts = [P.INSTRUCTION, "documents : question : [ ] so the question is : let me check the documents again ."]
+    texts = [P.INSTRUCTION, "documents : question : [ ] so the question is : let me check the documents again .",
+             "this is because also ,"]
     texts += list(FILLERS) + [str(i) for i in range(1, 64)]
     for e in examples:
         texts += e["documents"] + e["answers"] + e["bridge"] + [e["question"]] + [t["content"] for t in e["history"]]

@@ -12,7 +12,6 @@ a changed config or input gets a fresh key, so stale samples never mix in.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import shutil
 from dataclasses import dataclass, field
@@ -54,16 +53,6 @@ def candidate_row(example: dict[str, Any], j: int, c: Completion, model: str) ->
             "finish_reason": c.finish_reason, "model": model}
 
 
-def _prompt(example: dict[str, Any], tokenizer: Any, cfg: SampleConfig) -> P.Prompt:
-    """Rendered text when the back end tokenises locally; chat messages always. The template
-    switches travel in meta too, because a server applies its own chat template (an OpenAI
-    back end forwards them) and would otherwise silently drop `enable_thinking`."""
-    meta = {"chat_template_kwargs": dict(cfg.chat_template_kwargs)}
-    if tokenizer is None:
-        return P.Prompt(messages=tuple(P.messages(example)), text="", key=example["id"], meta=meta)
-    return dataclasses.replace(P.render(example, tokenizer, cfg.chat_template_kwargs), meta=meta)
-
-
 def sample(cfg: SampleConfig, examples: list[dict[str, Any]], model: str, work: Path,
            backend: Any = None) -> list[dict[str, Any]]:
     """k candidates per example, resuming from shards in `work`. Returns rows in input order."""
@@ -81,7 +70,7 @@ def sample(cfg: SampleConfig, examples: list[dict[str, Any]], model: str, work: 
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="sample", unit="ex")
         for start in range(0, len(todo), cfg.shard_size):
             chunk = todo[start:start + cfg.shard_size]
-            prompts = [_prompt(e, tokenizer, cfg) for e in chunk]
+            prompts = [P.build(e, tokenizer, cfg.chat_template_kwargs) for e in chunk]
 
             def persist(indices: list[int], comps: list[list[Completion]], chunk=chunk) -> None:
                 rows = [candidate_row(chunk[i], j, c, model) for i, cs in zip(indices, comps) for j, c in enumerate(cs)]

@@ -42,6 +42,18 @@ def render(example: dict[str, Any], tokenizer: Any, chat_template_kwargs: dict[s
     return Prompt(messages=tuple(msgs), text=text, key=example["id"])
 
 
+def build(example: dict[str, Any], tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None) -> Prompt:
+    """The prompt a back end needs: rendered text when it tokenises locally (`tokenizer` given),
+    chat messages always. The template switches travel in `meta` too, because a server applies
+    its own chat template (the OpenAI back end forwards them) and would otherwise silently drop
+    `enable_thinking`."""
+    meta = {"chat_template_kwargs": dict(chat_template_kwargs or {})}
+    if tokenizer is None:
+        return Prompt(messages=tuple(messages(example)), text="", key=example["id"], meta=meta)
+    rendered = render(example, tokenizer, chat_template_kwargs)
+    return Prompt(messages=rendered.messages, text=rendered.text, key=rendered.key, meta=meta)
+
+
 _WS = re.compile(r"\s+")
 
 
