@@ -38,3 +38,18 @@ def ecommerce_example() -> dict:
             "documents": ["the tolka lamp is green .", "the vimbo lamp is red .", "the tolka lamp is made of glass ."],
             "history": [{"role": "user", "content": "the tolka lamp ."}], "question": "what color is it ?",
             "answers": ["the tolka lamp is green ."], "gold_doc_idxs": [0], "helpful_doc_idxs": [2], "bridge": []}
+
+
+@pytest.fixture
+def serve():
+    """Start scripted OpenAI-protocol servers (tests/openai_fake_server.py); all stop at teardown."""
+    from tests.openai_fake_server import FakeOpenAIServer
+    servers: list[FakeOpenAIServer] = []
+
+    def start(**kw) -> FakeOpenAIServer:
+        servers.append(FakeOpenAIServer(**kw).start())
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()

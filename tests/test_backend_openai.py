@@ -40,19 +40,6 @@ def chat_prompts(n: int) -> list[Prompt]:
     return [Prompt(messages=tuple(messages(e)), text="", key=e["id"]) for e in rows]
 
 
-@pytest.fixture
-def serve():
-    servers: list[FakeOpenAIServer] = []
-
-    def start(**kw) -> FakeOpenAIServer:
-        servers.append(FakeOpenAIServer(**kw).start())
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.stop()
-
-
 def backend(server: FakeOpenAIServer, **kw) -> OpenAIBackend:
     return OpenAIBackend(model="fake", base_url=server.base_url, **{**FAST, **kw})
 

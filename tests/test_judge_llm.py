@@ -28,19 +28,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def serve():
-    servers: list[FakeOpenAIServer] = []
-
-    def start(**kw) -> FakeOpenAIServer:
-        servers.append(FakeOpenAIServer(**kw).start())
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.stop()
-
-
 def judge(server: FakeOpenAIServer, **kw) -> LLMJudge:
     return make_judge("llm", model="fake", base_url=server.base_url, **{**FAST, **kw})
 
