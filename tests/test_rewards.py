@@ -70,3 +70,14 @@ def test_unknown_reward_is_named():
 def test_format_reward():
     fn = make_format()
     assert fn(["<think> a </think> b", "<think> a b", "a </think> b", "<think> a </think>"]) == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_grounding_reward_scores_the_thinking_against_the_context(musique_example):
+    from steps.core.rewards import make_grounding
+    cols = {k: [v] * 3 for k, v in musique_example.items()}
+    out = make_grounding()([
+        "<think> zono was born in dadada . dadada is a city in kestria . </think> the answer is kestria .",
+        "<think> suda works in farada . </think> the answer is kestria .",  # invented facts
+        "the answer is kestria .",  # no thinking at all
+    ], **cols)
+    assert out[0] == 1.0 and out[1] < 0.5 and out[2] == 0.0

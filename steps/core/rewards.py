@@ -85,6 +85,23 @@ def make_length(lambda_lower: float = 0.0, lambda_upper: float = 0.5, epsilon_fr
     return length
 
 
+def make_grounding() -> RewardFn:
+    """Grounded reasoning: the share of the thinking's content words found in the context
+    (documents, history, question). Without it GRPO's length pressure can collapse the trace
+    into a fixed string that no longer reads the documents; filler sentences score low too."""
+    from steps.core.metrics import content_tokens, coverage
+
+    def grounding(completions: list[str], **columns: Any) -> list[float | None]:
+        out = []
+        for c, ex in zip(completions, _examples(len(completions), columns), strict=True):
+            thinking = split_completion(c)[0]
+            context = set(content_tokens(" ".join(ex["documents"] + [t["content"] for t in ex["history"]]
+                                                  + [ex["question"]])))
+            out.append(coverage(thinking, context) if thinking else 0.0)
+        return out
+    return grounding
+
+
 def make_format() -> RewardFn:
     """1 when the completion is `<think> ... </think> response` with a non-empty response."""
     def think_format(completions: list[str], **_: Any) -> list[float | None]:
@@ -101,6 +118,7 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "helpfulness": make_helpfulness,
     "length": make_length,
     "format": make_format,
+    "grounding": make_grounding,
 }
 
 
