@@ -17,7 +17,7 @@ from typing import Any
 
 from steps.core.config import help_field, load_config
 from steps.core.io import InputError, read_json, write_json, write_text
-from steps.core.lineage import read_meta, write_meta
+from steps.core.lineage import build_meta
 
 BUNDLE_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "flops_profile.json")
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"{args.summary}: no evaluation of model {cfg.source!r}; have "
                          f"{sorted({m for ms in summary['datasets'].values() for m in ms})}")
     model_dir, out = Path(args.model_dir), Path(args.out)
-    parent_meta = read_meta(model_dir) or {}
-    meta = write_meta(out, "export", cfg, parent=str(model_dir), metrics=metrics, source=cfg.source)
-    (out / "meta.json").unlink()
-    meta["parent_meta"] = parent_meta
+    meta = build_meta("export", cfg, parent=str(model_dir), metrics=metrics, source=cfg.source)
     checksums = build_bundle(model_dir, out / "bundle", model_card(cfg.model_name, cfg.source, summary, meta), meta)
     registry: dict[str, Any] = {"model_name": cfg.model_name, "version": None, "run_id": None}
     if cfg.register:

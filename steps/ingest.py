@@ -177,19 +177,18 @@ def parse_ecommerce(rows: list[tuple[int, dict[str, Any]]], path: str) -> list[d
     return out
 
 
-def _is_eval(example_id: str, fraction: float, seed: int) -> tuple[bool, int]:
-    h = int.from_bytes(hashlib.sha256(f"{seed}/{example_id}".encode()).digest()[:8], "little")
-    return (h % 1_000_000) < fraction * 1_000_000, h
+def _id_hash(example_id: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{example_id}".encode()).digest()[:8], "little")
 
 
 def split(examples: list[dict[str, Any]], cfg: IngestConfig) -> tuple[list[dict], list[dict]]:
     train, evals = [], []
-    datasets = sorted({e["dataset"] for e in examples})
-    for ds in datasets:
+    hashes = {e["id"]: _id_hash(e["id"], cfg.seed) for e in examples}
+    for ds in sorted({e["dataset"] for e in examples}):
         rows = [e for e in examples if e["dataset"] == ds]
-        flagged = sorted(((_is_eval(e["id"], cfg.eval_fraction, cfg.seed)[1], e) for e in rows
-                          if _is_eval(e["id"], cfg.eval_fraction, cfg.seed)[0]), key=lambda t: t[0])
-        eval_ids = {e["id"] for _, e in flagged[:cfg.max_eval_per_dataset]}
+        flagged = sorted((e for e in rows if hashes[e["id"]] % 1_000_000 < cfg.eval_fraction * 1_000_000),
+                         key=lambda e: hashes[e["id"]])
+        eval_ids = {e["id"] for e in flagged[:cfg.max_eval_per_dataset]}
         ds_train = [e for e in rows if e["id"] not in eval_ids]
         if cfg.max_train_per_dataset is not None:
             ds_train = ds_train[:cfg.max_train_per_dataset]
@@ -197,7 +196,7 @@ def split(examples: list[dict[str, Any]], cfg: IngestConfig) -> tuple[list[dict]
         evals += [e for e in rows if e["id"] in eval_ids]
     # A deterministic shuffle, so that any prefix (sample.max_examples, grpo.max_prompts) mixes
     # the datasets in proportion.
-    order = lambda e: _is_eval(e["id"], cfg.eval_fraction, cfg.seed)[1] % 1_000_003  # noqa: E731
+    order = lambda e: hashes[e["id"]] % 1_000_003  # noqa: E731
     return sorted(train, key=order), sorted(evals, key=lambda e: (e["dataset"], order(e)))
 
 

@@ -21,12 +21,18 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_meta(model_dir: Path | str, stage: str, cfg: Any, parent: str | None,
-               metrics: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    meta = {"stage": stage, "git_commit": git_commit(), "config_hash": config_hash(cfg),
+def build_meta(stage: str, cfg: Any, parent: str | None, metrics: dict[str, Any] | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """Lineage of an artefact made by `stage` from `parent` (whose own meta.json is nested)."""
+    return {"stage": stage, "git_commit": git_commit(), "config_hash": config_hash(cfg),
             "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg,
             "parent": parent, "parent_meta": read_meta(parent) if parent else None,
             "created_unix": int(time.time()), "metrics": metrics or {}, **extra}
+
+
+def write_meta(model_dir: Path | str, stage: str, cfg: Any, parent: str | None,
+               metrics: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    meta = build_meta(stage, cfg, parent, metrics, **extra)
     write_json(Path(model_dir) / "meta.json", meta)
     return meta
 
