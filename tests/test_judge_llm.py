@@ -72,7 +72,8 @@ def test_verdicts_follow_the_server_and_the_prompt_holds_the_definitions(serve, 
     verdicts = judge(server).judge([ecommerce_example] * 3, [r for r, _ in CASES])
     assert [(v.correct, v.helpful) for v in verdicts] == [want for _, want in CASES]
     assert "every word is in the context" in verdicts[0].rationale and "metal" in verdicts[2].rationale
-    body = server.bodies[0]
+    # Requests run concurrently, so the server sees them in any order: take the first case's.
+    body = next(b for b in server.bodies if CASES[0][0] in b["messages"][1]["content"])
     assert body["response_format"]["json_schema"]["schema"] == VERDICT_SCHEMA and body["temperature"] == 0.0
     system, user = body["messages"][0]["content"], body["messages"][1]["content"]
     assert system == SYSTEM_PROMPT
