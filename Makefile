@@ -22,8 +22,11 @@ $(VENV)/.installed: requirements.txt constraints.txt
 run: install
 	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.pipeline
 
-# Everything CI must prove, slow tests (real servers, the whole DVC pipeline) included.
+# Everything CI must prove, slow tests (real servers, the whole DVC pipeline, the pipeline in
+# Docker containers) included. ensure_docker.sh installs and starts a Docker engine (as root);
+# where it cannot, the tests marked docker say why (skipped without root, failed with it).
 test: install
+	infra/ensure_docker.sh || echo "no Docker engine: see the docker tests' reports"
 	PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q -ra tests
 
 # The quick loop: skips tests marked slow.
