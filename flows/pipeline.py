@@ -77,8 +77,7 @@ def run_stage(stage: str, env: dict[str, str], force: bool = False, runner: dict
     cfg = DockerRunnerConfig(workspace=os.environ.get("LIVETHINKING_WORKSPACE", os.getcwd()),
                              **{k: v for k, v in runner.items() if k != "kind"})
     try:
-        run_stage_container(stage, cfg, log=lambda line: logger.info("%s | %s", stage, line),
-                            environ={**os.environ, **env})
+        run_stage_container(stage, cfg, log=logger.info, environ={**os.environ, **env})  # lines come as "stage | ..."
     except StageContainerFailed as e:
         raise StageFailed(str(e)) from None
     _stream(["dvc", "commit", "--force", stage], env, stage, logger)
