@@ -1,46 +1,24 @@
 """The whole DVC pipeline on the micro preset: every output exists and validates, a second
 `dvc repro` re-runs nothing, and a grpo parameter re-runs only grpo and what follows it."""
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from steps.core.io import read_jsonl
 from steps.core.schemas import CANDIDATES, EXAMPLES, JUDGED, PREDICTIONS, validate
+from tests.helpers import pipeline_workspace
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def overlay(params: dict, preset: dict) -> dict:
-    for section, values in preset.items():
-        params.setdefault(section, {}).update(values)
-    return params
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     ws = tmp_path_factory.mktemp("pipeline")
-    for item in ("steps", "flows", "dvc.yaml", ".dvcignore"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, ws / item, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy(src, ws / item)
-    params = overlay(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                     yaml.safe_load((ROOT / "tests" / "micro.yaml").read_text()))
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PIPELINE_TRACKING": "on",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{ws}/mlflow.db", "PYTHONPATH": str(ws)}
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
-        subprocess.run(cmd, cwd=ws, check=True, env=env)
-    return ws, env
+    return ws, pipeline_workspace(ws)
 
 
 def dvc(ws, env, *args):
