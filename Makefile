@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test test-fast lint clean
+.PHONY: install run ablations test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,12 @@ $(VENV)/.installed: requirements.txt constraints.txt
 # prints the results table.
 run: install
 	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.pipeline
+
+# The variants of ablations.yaml as DVC experiments in this workspace (`dvc exp run -S ...`), then
+# reports/ablations.{json,md} and reports/plots/{ablations_pareto,grpo_curves}.png. Runs already
+# copied to reports/ablations/runs are skipped; ARGS="--only rft_grpo grpo_only" or "--dry-run".
+ablations: install
+	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.ablations $(ARGS)
 
 # Everything CI must prove, slow tests (real servers, the whole DVC pipeline) included.
 test: install

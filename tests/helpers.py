@@ -28,3 +28,10 @@ def tiny_model(path: Path, arch: dict, rows: list[dict], seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def overlay(params: dict, preset: dict) -> dict:
+    """params.yaml with a preset's sections merged in (tests/micro.yaml)."""
+    for section, values in preset.items():
+        params.setdefault(section, {}).update(values)
+    return params

@@ -13,15 +13,10 @@ import yaml
 
 from steps.core.io import read_jsonl
 from steps.core.schemas import CANDIDATES, EXAMPLES, JUDGED, PREDICTIONS, validate
+from tests.helpers import overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def overlay(params: dict, preset: dict) -> dict:
-    for section, values in preset.items():
-        params.setdefault(section, {}).update(values)
-    return params
 
 
 @pytest.fixture(scope="module")
