@@ -7,8 +7,9 @@ answers are sentences), tokens per response (thinking included), decode TFLOPs p
 (convention in steps.core.modeling; prefill reported apart), and latency: batched wall time
 per response and the median single-request latency over `latency_probe_n` examples.
 
-Outputs: predictions.jsonl (predictions schema), reports/summary.json and summary.md, DVC
-metrics (reports/metrics.json) and plots (reports/plots/). Generation is resumable per
+Outputs: predictions.jsonl (predictions schema), stats.json (per model, how many prompts lost
+documents to `max_prompt_tokens`; a warning says so too), reports/summary.json and summary.md,
+DVC metrics (reports/metrics.json) and plots (reports/plots/). Generation is resumable per
 (model, dataset, example).
 
     python -m steps.evaluate score-musique GOLD.jsonl PRED.jsonl   # official-format scoring
@@ -16,6 +17,7 @@ metrics (reports/metrics.json) and plots (reports/plots/). Generation is resumab
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -32,6 +34,7 @@ from steps.core.metrics import exact_match, extract_answer, max_over, token_f1
 from steps.core.schemas import EXAMPLES, PREDICTIONS, read_validated, validate
 
 MODEL_ORDER = ("teacher", "student_base", "rft", "rft_grpo")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class EvaluateConfig:
     judge: str = help_field("rule", "judge kind (as in the judge stage)")
     judge_options: dict = field(default_factory=dict, metadata={"help": "passed to the judge"})
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
+    max_prompt_tokens: int | None = help_field(4096, "prompt budget; the least relevant documents are dropped "
+                                                     "to fit (null: no budget)")
     seed: int = help_field(0, "from base.seed")
 
 
@@ -67,17 +72,23 @@ def score(example: dict[str, Any], verdict: Any, completion: Any, model: str,
 
 
 def evaluate_model(cfg: EvaluateConfig, name: str, model_dir: str, examples: list[dict[str, Any]],
-                   shards: ShardWriter, judge: Any) -> dict[str, float]:
-    """Generate and score what is not in `shards` yet; returns median single-request latency per dataset."""
+                   shards: ShardWriter, judge: Any) -> tuple[dict[str, float], int]:
+    """Generate and score what is not in `shards` yet. Returns the median single-request
+    latency per dataset, and how many prompts lost documents to the budget."""
     from steps.core.modeling import load_profile
 
     done = shards.done_keys()
-    todo = [e for e in examples if (name, e["dataset"], e["id"]) not in done]
     backend = make_backend(cfg.backend, model=model_dir, **cfg.backend_options)
     profile = load_profile(model_dir)
     tok = getattr(backend, "tokenizer", None)
     sampling = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    prompts = [P.build(e, tok, cfg.chat_template_kwargs) for e in todo]
+    built = {e["id"]: P.build(e, tok, cfg.chat_template_kwargs, cfg.max_prompt_tokens) for e in examples}
+    over_budget = sum(p.meta["dropped_documents"] > 0 for p in built.values())
+    if over_budget:
+        log.warning("evaluate: %s: %d of %d prompts exceeded max_prompt_tokens=%s; their least relevant "
+                    "documents were dropped", name, over_budget, len(examples), cfg.max_prompt_tokens)
+    todo = [e for e in examples if (name, e["dataset"], e["id"]) not in done]
+    prompts = [built[e["id"]] for e in todo]
     if todo:
         def persist(indices: list[int], comps: list[list[Any]]) -> None:
             exs = [todo[i] for i in indices]
@@ -91,11 +102,11 @@ def evaluate_model(cfg: EvaluateConfig, name: str, model_dir: str, examples: lis
         times = []
         for e in probe:
             t0 = time.perf_counter()
-            backend.generate([P.build(e, tok, cfg.chat_template_kwargs)], sampling)
+            backend.generate([built[e["id"]]], sampling)
             times.append(time.perf_counter() - t0)
         latency[ds] = statistics.median(times) if times else 0.0
     backend.close()
-    return latency
+    return latency, over_budget
 
 
 def summarise(predictions: list[dict[str, Any]], latency: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -195,16 +206,20 @@ def plot(summary: dict[str, Any], out_png: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: EvaluateConfig, models: dict[str, str], examples: list[dict[str, Any]], work: Path) -> tuple[list[dict], dict]:
+def run(cfg: EvaluateConfig, models: dict[str, str], examples: list[dict[str, Any]],
+        work: Path) -> tuple[list[dict], dict, dict[str, int]]:
+    """-> (predictions, latency per model and dataset, prompts cut to the budget per model)."""
     if cfg.max_examples_per_dataset:
         examples = [e for ds in sorted({e["dataset"] for e in examples})
                     for e in [x for x in examples if x["dataset"] == ds][: cfg.max_examples_per_dataset]]
     shards = ShardWriter(work, key_fields=("model", "dataset", "id"))
     judge = make_judge(cfg.judge, **cfg.judge_options)
-    latency = {name: evaluate_model(cfg, name, path, examples, shards, judge) for name, path in models.items()}
+    latency, over_budget = {}, {}
+    for name, path in models.items():
+        latency[name], over_budget[name] = evaluate_model(cfg, name, path, examples, shards, judge)
     wanted = {(m, e["dataset"], e["id"]) for m in models for e in examples}
     preds = [r for r in shards.rows() if (r["model"], r["dataset"], r["id"]) in wanted]
-    return preds, latency
+    return preds, latency, over_budget
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,10 +245,11 @@ def main(argv: list[str] | None = None) -> None:
     examples = read_validated(args.data, EXAMPLES)
     out, reports = Path(args.out), Path(args.reports)
     work = out / ".resume" / config_hash(cfg, models, [e["id"] for e in examples])
-    preds, latency = run(cfg, models, examples, work)
+    preds, latency, over_budget = run(cfg, models, examples, work)
     validate(preds, PREDICTIONS, out / "predictions.jsonl")
     summary = summarise(preds, latency)
     write_jsonl(out / "predictions.jsonl", preds)
+    write_json(out / "stats.json", {"max_prompt_tokens": cfg.max_prompt_tokens, "prompts_over_budget": over_budget})
     summary["effect_checks"] = {"musique": effect_checks(summary)}
     write_json(reports / "summary.json", summary)
     write_text(reports / "summary.md", markdown(summary))
