@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-vllm run test test-fast lint clean
+.PHONY: install install-vllm run ablations test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt constraints-vllm.txt
 # prints the results table.
 run: install
 	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.pipeline
+
+# The variants of ablations.yaml as DVC experiments in this workspace (`dvc exp run -S ...`), then
+# reports/ablations.{json,md} and reports/plots/{ablations_pareto,grpo_curves}.png. Runs already
+# copied to reports/ablations/runs are skipped; ARGS="--only rft_grpo grpo_only" or "--dry-run".
+ablations: install
+	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.ablations $(ARGS)
 
 # Everything CI must prove, slow tests (real servers, real vLLM, the whole DVC pipeline) included.
 test: install install-vllm

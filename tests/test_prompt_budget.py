@@ -86,6 +86,6 @@ def test_sample_and_evaluate_count_the_examples_cut_and_say_so(tmp_path, caplog)
     assert cut == 2 and len(cands) == len(rows)
     assert "sample: 2 of 10 prompts exceeded max_prompt_tokens" in caplog.text
     cfg = EvaluateConfig(max_new_tokens=2, latency_probe_n=0, max_prompt_tokens=budget)
-    _, _, over_budget = run(cfg, {"teacher": str(model)}, rows, tmp_path / "e")
+    _, _, _, over_budget = run(cfg, {"teacher": str(model)}, rows, tmp_path / "e")
     assert over_budget == {"teacher": 2}
     assert "evaluate: teacher: 2 of 10 prompts exceeded" in caplog.text

@@ -86,7 +86,7 @@ def test_rule_judge_ecommerce_grounding(ecommerce_example):
 def test_evaluate_core_scores_and_summarises(rows, model_dir, tmp_path):
     from steps.evaluate import EvaluateConfig, markdown, run, summarise
     cfg = EvaluateConfig(max_new_tokens=6, latency_probe_n=2, backend_options={"batch_size": 8})
-    preds, latency, over_budget = run(cfg, {"teacher": str(model_dir), "rft": str(model_dir)}, rows, tmp_path / "w")
+    preds, latency, _, over_budget = run(cfg, {"teacher": str(model_dir), "rft": str(model_dir)}, rows, tmp_path / "w")
     validate(preds, PREDICTIONS, "predictions.jsonl")
     summary = summarise(preds, latency)
     assert set(summary["datasets"]) == {"musique", "ecommerce"}
@@ -94,7 +94,7 @@ def test_evaluate_core_scores_and_summarises(rows, model_dir, tmp_path):
     assert m["n"] == 6 and 0 < m["tokens_per_response"] <= 6 and m["decode_tflops_per_response"] > 0
     assert summary["datasets"]["ecommerce"]["rft"]["em"] is None
     assert "| teacher |" in markdown(summary) and over_budget == {"teacher": 0, "rft": 0}
-    again, _, _ = run(cfg, {"teacher": str(model_dir), "rft": str(model_dir)}, rows, tmp_path / "w")
+    again, _, _, _ = run(cfg, {"teacher": str(model_dir), "rft": str(model_dir)}, rows, tmp_path / "w")
     assert again == preds  # resumed from the shards: nothing regenerated, nothing duplicated
 
 
