@@ -1,13 +1,15 @@
-# Two commands for a fresh machine: `make run` and `make test`. Both install into .venv.
+# Two commands for a fresh machine: `make run` and `make test`. Both install into .venv;
+# `make test` also installs .venv-vllm (vLLM, for the slow tests against a real engine).
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
+VLLM_VENV := .venv-vllm
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run ablations test test-fast lint clean
+.PHONY: install install-vllm run ablations test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -15,6 +17,18 @@ $(VENV)/.installed: requirements.txt constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	touch $@
+
+# vLLM in an environment of its own (requirements-vllm.txt says why). Its CPU build pulls in
+# torchvision, torchaudio and torchcodec built for another torch: with them installed, importing
+# vLLM fails ("operator torchvision::nms does not exist"), and text models need none of them.
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: requirements-vllm.txt constraints-vllm.txt
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements-vllm.txt -c constraints-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 # Runs the whole pipeline on the embedded default (Prefect flow over the DVC stages) and
@@ -28,8 +42,8 @@ run: install
 ablations: install
 	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.ablations $(ARGS)
 
-# Everything CI must prove, slow tests (real servers, the whole DVC pipeline) included.
-test: install
+# Everything CI must prove, slow tests (real servers, real vLLM, the whole DVC pipeline) included.
+test: install install-vllm
 	PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q -ra tests
 
 # The quick loop: skips tests marked slow.

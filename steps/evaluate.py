@@ -7,8 +7,9 @@ answers are sentences), tokens per response (thinking included), decode TFLOPs p
 (convention in steps.core.modeling; prefill reported apart), and latency: batched wall time
 per response and the median single-request latency over `latency_probe_n` examples.
 
-Outputs: predictions.jsonl (predictions schema), reports/summary.json and summary.md, DVC
-metrics (reports/metrics.json) and plots (reports/plots/). Generation is resumable per
+Outputs: predictions.jsonl (predictions schema), stats.json (per model, how many prompts lost
+documents to `max_prompt_tokens`; a warning says so too), reports/summary.json and summary.md,
+DVC metrics (reports/metrics.json) and plots (reports/plots/). Generation is resumable per
 (model, dataset, example).
 
 A model's scored predictions are also kept in `cache_dir` (outside DVC's outputs), keyed by the
@@ -26,6 +27,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import statistics
 import sys
 import time
@@ -42,6 +44,7 @@ from steps.core.metrics import exact_match, extract_answer, max_over, token_f1
 from steps.core.schemas import EXAMPLES, PREDICTIONS, read_validated, validate
 
 MODEL_ORDER = ("teacher", "student_base", "rft", "rft_grpo")
+log = logging.getLogger(__name__)
 # Bump when the layout of a cached prediction file changes.
 CACHE_VERSION = "1"
 # Settings that cannot change a prediction, so a change to them keeps the cache.
@@ -62,6 +65,8 @@ class EvaluateConfig:
     judge: str = help_field("rule", "judge kind (as in the judge stage)")
     judge_options: dict = field(default_factory=dict, metadata={"help": "passed to the judge"})
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
+    max_prompt_tokens: int | None = help_field(4096, "prompt budget; the least relevant documents are dropped "
+                                                     "to fit (null: no budget)")
     cache_dir: str | None = help_field(".cache/evaluate", "per-model prediction cache (git- and dvc-ignored); null: off")
     seed: int = help_field(0, "from base.seed")
 
@@ -120,18 +125,24 @@ def score(example: dict[str, Any], verdict: Any, completion: Any, model: str,
 
 
 def evaluate_model(cfg: EvaluateConfig, name: str, model_dir: str, examples: list[dict[str, Any]],
-                   shards: ShardWriter, judge: Any, generate: bool = True) -> dict[str, float]:
+                   shards: ShardWriter, judge: Any, generate: bool = True) -> tuple[dict[str, float], int]:
     """Generate and score what is not in `shards` yet (nothing when `generate` is off: the
-    predictions came from the cache); returns median single-request latency per dataset."""
+    predictions came from the cache). Returns the median single-request latency per dataset,
+    and how many prompts lost documents to the budget."""
     from steps.core.modeling import load_profile
 
     done = shards.done_keys()
-    todo = [e for e in examples if generate and (name, e["dataset"], e["id"]) not in done]
     backend = make_backend(cfg.backend, model=model_dir, **cfg.backend_options)
     profile = load_profile(model_dir)
     tok = getattr(backend, "tokenizer", None)
     sampling = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    prompts = [P.build(e, tok, cfg.chat_template_kwargs) for e in todo]
+    built = {e["id"]: P.build(e, tok, cfg.chat_template_kwargs, cfg.max_prompt_tokens) for e in examples}
+    over_budget = sum(p.meta["dropped_documents"] > 0 for p in built.values())
+    if over_budget:
+        log.warning("evaluate: %s: %d of %d prompts exceeded max_prompt_tokens=%s; their least relevant "
+                    "documents were dropped", name, over_budget, len(examples), cfg.max_prompt_tokens)
+    todo = [e for e in examples if generate and (name, e["dataset"], e["id"]) not in done]
+    prompts = [built[e["id"]] for e in todo]
     if todo:
         def persist(indices: list[int], comps: list[list[Any]]) -> None:
             exs = [todo[i] for i in indices]
@@ -145,11 +156,11 @@ def evaluate_model(cfg: EvaluateConfig, name: str, model_dir: str, examples: lis
         times = []
         for e in probe:
             t0 = time.perf_counter()
-            backend.generate([P.build(e, tok, cfg.chat_template_kwargs)], sampling)
+            backend.generate([built[e["id"]]], sampling)
             times.append(time.perf_counter() - t0)
         latency[ds] = statistics.median(times) if times else 0.0
     backend.close()
-    return latency
+    return latency, over_budget
 
 
 def summarise(predictions: list[dict[str, Any]], latency: dict[str, dict[str, float]],
@@ -256,9 +267,9 @@ def plot(summary: dict[str, Any], out_png: Path) -> None:
 
 
 def run(cfg: EvaluateConfig, models: dict[str, str], examples: list[dict[str, Any]], work: Path,
-        cache_dir: Path | str | None = None) -> tuple[list[dict], dict, set[str]]:
-    """Predictions of every model, median single-request latency per model and dataset, and
-    the models whose predictions came from `cache_dir`."""
+        cache_dir: Path | str | None = None) -> tuple[list[dict], dict, set[str], dict[str, int]]:
+    """Predictions of every model, median single-request latency per model and dataset, the
+    models whose predictions came from `cache_dir`, and the prompts cut to the budget per model."""
     if cfg.max_examples_per_dataset:
         examples = [e for ds in sorted({e["dataset"] for e in examples})
                     for e in [x for x in examples if x["dataset"] == ds][: cfg.max_examples_per_dataset]]
@@ -267,6 +278,7 @@ def run(cfg: EvaluateConfig, models: dict[str, str], examples: list[dict[str, An
     wanted = {(e["dataset"], e["id"]) for e in examples}
     preds: list[dict[str, Any]] = []
     latency: dict[str, dict[str, float]] = {}
+    over_budget: dict[str, int] = {}
     hits: set[str] = set()
     for name, path in models.items():
         # Only a local directory has content to key on (a served model's name has not).
@@ -276,14 +288,14 @@ def run(cfg: EvaluateConfig, models: dict[str, str], examples: list[dict[str, An
         if rows is not None:
             hits.add(name)
             print(f"evaluate: {name}: cache hit, {len(rows)} predictions from {cache}", file=sys.stderr)
-        latency[name] = evaluate_model(cfg, name, path, examples, shards, judge, generate=rows is None)
+        latency[name], over_budget[name] = evaluate_model(cfg, name, path, examples, shards, judge, generate=rows is None)
         if rows is None:
             rows = [r for r in shards.rows() if r["model"] == name and (r["dataset"], r["id"]) in wanted]
             if cache:
                 write_jsonl(cache, rows)
                 print(f"evaluate: {name}: cache miss, {len(rows)} predictions stored in {cache}", file=sys.stderr)
         preds += rows
-    return preds, latency, hits
+    return preds, latency, hits, over_budget
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -309,10 +321,11 @@ def main(argv: list[str] | None = None) -> None:
     examples = read_validated(args.data, EXAMPLES)
     out, reports = Path(args.out), Path(args.reports)
     work = out / ".resume" / config_hash(cfg, models, [e["id"] for e in examples])
-    preds, latency, cached = run(cfg, models, examples, work, cfg.cache_dir)
+    preds, latency, cached, over_budget = run(cfg, models, examples, work, cfg.cache_dir)
     validate(preds, PREDICTIONS, out / "predictions.jsonl")
     summary = summarise(preds, latency, cached)
     write_jsonl(out / "predictions.jsonl", preds)
+    write_json(out / "stats.json", {"max_prompt_tokens": cfg.max_prompt_tokens, "prompts_over_budget": over_budget})
     summary["effect_checks"] = {"musique": effect_checks(summary)}
     write_json(reports / "summary.json", summary)
     write_text(reports / "summary.md", markdown(summary))

@@ -41,10 +41,10 @@ def test_a_hit_generates_nothing_and_returns_the_same_predictions(rows, model_di
     cfg = EvaluateConfig(max_new_tokens=6, latency_probe_n=1, backend_options={"batch_size": 8})
     cache = tmp_path / "cache"
     models = {"teacher": str(model_dir), "rft": str(model_dir)}
-    first, _, hits = run(cfg, models, rows, tmp_path / "w1", cache)
+    first, _, hits, _ = run(cfg, models, rows, tmp_path / "w1", cache)
     # The same weights under a second name are already a hit within the first run.
     assert hits == {"rft"} and len(list(cache.glob("*.jsonl"))) == 1
-    second, latency, hits = run(cfg, models, rows, tmp_path / "w2", cache)
+    second, latency, hits, _ = run(cfg, models, rows, tmp_path / "w2", cache)
     assert hits == {"teacher", "rft"}
     assert second == first
     assert not list((tmp_path / "w2").glob("part-*.jsonl"))  # nothing generated
