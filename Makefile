@@ -1,13 +1,15 @@
-# Two commands for a fresh machine: `make run` and `make test`. Both install into .venv.
+# Two commands for a fresh machine: `make run` and `make test`. Both install into .venv;
+# `make test` also installs .venv-vllm (vLLM, for the slow tests against a real engine).
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
+VLLM_VENV := .venv-vllm
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test test-fast lint clean
+.PHONY: install install-vllm run ablations test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -17,15 +19,33 @@ $(VENV)/.installed: requirements.txt constraints.txt
 	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
 	touch $@
 
+# vLLM in an environment of its own (requirements-vllm.txt says why). Its CPU build pulls in
+# torchvision, torchaudio and torchcodec built for another torch: with them installed, importing
+# vLLM fails ("operator torchvision::nms does not exist"), and text models need none of them.
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: requirements-vllm.txt constraints-vllm.txt
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements-vllm.txt -c constraints-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 # Runs the whole pipeline on the embedded default (Prefect flow over the DVC stages) and
 # prints the results table.
 run: install
 	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.pipeline
 
-# Everything CI must prove, slow tests (real servers, the whole DVC pipeline, the pipeline in
-# Docker containers) included. ensure_docker.sh installs and starts a Docker engine (as root);
+# The variants of ablations.yaml as DVC experiments in this workspace (`dvc exp run -S ...`), then
+# reports/ablations.{json,md} and reports/plots/{ablations_pareto,grpo_curves}.png. Runs already
+# copied to reports/ablations/runs are skipped; ARGS="--only rft_grpo grpo_only" or "--dry-run".
+ablations: install
+	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.ablations $(ARGS)
+
+# Everything CI must prove, slow tests (real servers, real vLLM, the whole DVC pipeline, the pipeline
+# in Docker containers) included. ensure_docker.sh installs and starts a Docker engine (as root);
 # where it cannot, the tests marked docker say why (skipped without root, failed with it).
-test: install
+test: install install-vllm
 	infra/ensure_docker.sh || echo "no Docker engine: see the docker tests' reports"
 	PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q -ra tests
 

@@ -7,15 +7,27 @@ answers are sentences), tokens per response (thinking included), decode TFLOPs p
 (convention in steps.core.modeling; prefill reported apart), and latency: batched wall time
 per response and the median single-request latency over `latency_probe_n` examples.
 
-Outputs: predictions.jsonl (predictions schema), reports/summary.json and summary.md, DVC
-metrics (reports/metrics.json) and plots (reports/plots/). Generation is resumable per
+Outputs: predictions.jsonl (predictions schema), stats.json (per model, how many prompts lost
+documents to `max_prompt_tokens`; a warning says so too), reports/summary.json and summary.md,
+DVC metrics (reports/metrics.json) and plots (reports/plots/). Generation is resumable per
 (model, dataset, example).
+
+A model's scored predictions are also kept in `cache_dir` (outside DVC's outputs), keyed by the
+content of its directory, the eval examples, the settings that change a prediction and the
+source of the code that makes one: experiments that change one model re-use the others'
+predictions (greedy decoding makes a hit the same result). The single-request latency probe is
+always re-measured; the batched wall time of a cache hit is the one measured when its
+predictions were generated, and the summary marks those models (`cached`).
 
     python -m steps.evaluate score-musique GOLD.jsonl PRED.jsonl   # official-format scoring
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
+import logging
 import statistics
 import sys
 import time
@@ -26,12 +38,20 @@ from typing import Any
 from steps.core import prompts as P
 from steps.core.backends import SamplingParams, make_backend
 from steps.core.config import config_hash, help_field, load_config
-from steps.core.io import ShardWriter, read_json, write_json, write_jsonl, write_text
+from steps.core.io import InputError, ShardWriter, read_json, read_jsonl, write_json, write_jsonl, write_text
 from steps.core.judges import make_judge
 from steps.core.metrics import exact_match, extract_answer, max_over, token_f1
 from steps.core.schemas import EXAMPLES, PREDICTIONS, read_validated, validate
 
 MODEL_ORDER = ("teacher", "student_base", "rft", "rft_grpo")
+log = logging.getLogger(__name__)
+# Bump when the layout of a cached prediction file changes.
+CACHE_VERSION = "1"
+# Settings that cannot change a prediction, so a change to them keeps the cache.
+NOT_IN_CACHE_KEY = ("latency_probe_n", "cache_dir")
+# The code that generates and scores a prediction: an edit to it invalidates the cache.
+CACHE_SOURCES = ("evaluate.py", "core/backends.py", "core/backend_openai.py", "core/backend_vllm.py",
+                 "core/prompts.py", "core/judges.py", "core/judge_llm.py", "core/metrics.py", "core/modeling.py")
 
 
 @dataclass(frozen=True)
@@ -45,7 +65,45 @@ class EvaluateConfig:
     judge: str = help_field("rule", "judge kind (as in the judge stage)")
     judge_options: dict = field(default_factory=dict, metadata={"help": "passed to the judge"})
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
+    max_prompt_tokens: int | None = help_field(4096, "prompt budget; the least relevant documents are dropped "
+                                                     "to fit (null: no budget)")
+    cache_dir: str | None = help_field(".cache/evaluate", "per-model prediction cache (git- and dvc-ignored); null: off")
     seed: int = help_field(0, "from base.seed")
+
+
+def cache_key(cfg: EvaluateConfig, model_dir: str | Path, examples: list[dict[str, Any]]) -> str:
+    """What a model's predictions depend on: the bytes of its files (not its path, and not the
+    lineage in meta.json, which records when and where it was made), the examples, the
+    generation and scoring settings, and the code."""
+    h = hashlib.sha256()
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_CACHE_KEY}
+    h.update(json.dumps([CACHE_VERSION, settings, examples], sort_keys=True, default=str).encode())
+    steps_dir = Path(__file__).parent
+    root = Path(model_dir)
+    files = [(f"code/{s}", steps_dir / s) for s in CACHE_SOURCES]
+    files += [(f"model/{f.relative_to(root).as_posix()}", f) for f in sorted(root.rglob("*"))
+              if f.is_file() and f.relative_to(root) != Path("meta.json")]
+    for name, f in files:
+        h.update(f"\0{name}\0{f.stat().st_size}\0".encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def read_cache(path: Path, name: str, examples: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The cached predictions for exactly these examples, renamed to `name`; None on a miss."""
+    if not path.exists():
+        return None
+    try:
+        rows = read_jsonl(path)
+    except InputError as e:
+        print(f"evaluate: {name}: ignoring an unreadable cache file ({e})", file=sys.stderr)
+        return None
+    if sorted((r.get("dataset"), r.get("id")) for r in rows) != sorted((e["dataset"], e["id"]) for e in examples):
+        print(f"evaluate: {name}: {path} does not cover the eval examples; regenerating", file=sys.stderr)
+        return None
+    return [{**r, "model": name} for r in rows]
 
 
 def score(example: dict[str, Any], verdict: Any, completion: Any, model: str,
@@ -67,17 +125,24 @@ def score(example: dict[str, Any], verdict: Any, completion: Any, model: str,
 
 
 def evaluate_model(cfg: EvaluateConfig, name: str, model_dir: str, examples: list[dict[str, Any]],
-                   shards: ShardWriter, judge: Any) -> dict[str, float]:
-    """Generate and score what is not in `shards` yet; returns median single-request latency per dataset."""
+                   shards: ShardWriter, judge: Any, generate: bool = True) -> tuple[dict[str, float], int]:
+    """Generate and score what is not in `shards` yet (nothing when `generate` is off: the
+    predictions came from the cache). Returns the median single-request latency per dataset,
+    and how many prompts lost documents to the budget."""
     from steps.core.modeling import load_profile
 
     done = shards.done_keys()
-    todo = [e for e in examples if (name, e["dataset"], e["id"]) not in done]
     backend = make_backend(cfg.backend, model=model_dir, **cfg.backend_options)
     profile = load_profile(model_dir)
     tok = getattr(backend, "tokenizer", None)
     sampling = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    prompts = [P.build(e, tok, cfg.chat_template_kwargs) for e in todo]
+    built = {e["id"]: P.build(e, tok, cfg.chat_template_kwargs, cfg.max_prompt_tokens) for e in examples}
+    over_budget = sum(p.meta["dropped_documents"] > 0 for p in built.values())
+    if over_budget:
+        log.warning("evaluate: %s: %d of %d prompts exceeded max_prompt_tokens=%s; their least relevant "
+                    "documents were dropped", name, over_budget, len(examples), cfg.max_prompt_tokens)
+    todo = [e for e in examples if generate and (name, e["dataset"], e["id"]) not in done]
+    prompts = [built[e["id"]] for e in todo]
     if todo:
         def persist(indices: list[int], comps: list[list[Any]]) -> None:
             exs = [todo[i] for i in indices]
@@ -91,14 +156,15 @@ def evaluate_model(cfg: EvaluateConfig, name: str, model_dir: str, examples: lis
         times = []
         for e in probe:
             t0 = time.perf_counter()
-            backend.generate([P.build(e, tok, cfg.chat_template_kwargs)], sampling)
+            backend.generate([built[e["id"]]], sampling)
             times.append(time.perf_counter() - t0)
         latency[ds] = statistics.median(times) if times else 0.0
     backend.close()
-    return latency
+    return latency, over_budget
 
 
-def summarise(predictions: list[dict[str, Any]], latency: dict[str, dict[str, float]]) -> dict[str, Any]:
+def summarise(predictions: list[dict[str, Any]], latency: dict[str, dict[str, float]],
+              cached: set[str] = frozenset()) -> dict[str, Any]:
     out: dict[str, Any] = {"datasets": {}}
     for ds in sorted({p["dataset"] for p in predictions}):
         out["datasets"][ds] = {}
@@ -117,7 +183,7 @@ def summarise(predictions: list[dict[str, Any]], latency: dict[str, dict[str, fl
                 "tokens_per_response": mean("completion_tokens"), "decode_tflops_per_response": mean("decode_tflops"),
                 "prefill_tflops_per_response": mean("prefill_tflops"),
                 "latency_s_per_response_batched": mean("latency_s"),
-                "latency_s_single_request": latency.get(model, {}).get(ds), "n": n}
+                "latency_s_single_request": latency.get(model, {}).get(ds), "n": n, "cached": model in cached}
     return out
 
 
@@ -137,6 +203,11 @@ def markdown(summary: dict[str, Any]) -> str:
                          f"{fmt(s['f1'], True)} | {fmt(s['tokens_per_response'])} | "
                          f"{fmt(s['decode_tflops_per_response'] * 1e3, digits=3)} | {fmt(lat)} | {s['n']} |")
         lines.append("")
+    cached = sorted({m for models in summary["datasets"].values() for m, s in models.items() if s.get("cached")},
+                    key=lambda m: (MODEL_ORDER + (m,)).index(m))
+    if cached:
+        lines += [f"Predictions of {', '.join(cached)} came from the evaluation cache: their batched latency "
+                  "was measured when they were generated, the single-request latency now.", ""]
     checks = effect_checks(summary)
     if checks:
         lines += ["### LiveThinking's effect on the musique eval set", "", "| claim | measured | target | holds |",
@@ -195,16 +266,36 @@ def plot(summary: dict[str, Any], out_png: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: EvaluateConfig, models: dict[str, str], examples: list[dict[str, Any]], work: Path) -> tuple[list[dict], dict]:
+def run(cfg: EvaluateConfig, models: dict[str, str], examples: list[dict[str, Any]], work: Path,
+        cache_dir: Path | str | None = None) -> tuple[list[dict], dict, set[str], dict[str, int]]:
+    """Predictions of every model, median single-request latency per model and dataset, the
+    models whose predictions came from `cache_dir`, and the prompts cut to the budget per model."""
     if cfg.max_examples_per_dataset:
         examples = [e for ds in sorted({e["dataset"] for e in examples})
                     for e in [x for x in examples if x["dataset"] == ds][: cfg.max_examples_per_dataset]]
     shards = ShardWriter(work, key_fields=("model", "dataset", "id"))
     judge = make_judge(cfg.judge, **cfg.judge_options)
-    latency = {name: evaluate_model(cfg, name, path, examples, shards, judge) for name, path in models.items()}
-    wanted = {(m, e["dataset"], e["id"]) for m in models for e in examples}
-    preds = [r for r in shards.rows() if (r["model"], r["dataset"], r["id"]) in wanted]
-    return preds, latency
+    wanted = {(e["dataset"], e["id"]) for e in examples}
+    preds: list[dict[str, Any]] = []
+    latency: dict[str, dict[str, float]] = {}
+    over_budget: dict[str, int] = {}
+    hits: set[str] = set()
+    for name, path in models.items():
+        # Only a local directory has content to key on (a served model's name has not).
+        local = cache_dir and Path(path).is_dir()
+        cache = Path(cache_dir) / f"{cache_key(cfg, path, examples)}.jsonl" if local else None
+        rows = read_cache(cache, name, examples) if cache else None
+        if rows is not None:
+            hits.add(name)
+            print(f"evaluate: {name}: cache hit, {len(rows)} predictions from {cache}", file=sys.stderr)
+        latency[name], over_budget[name] = evaluate_model(cfg, name, path, examples, shards, judge, generate=rows is None)
+        if rows is None:
+            rows = [r for r in shards.rows() if r["model"] == name and (r["dataset"], r["id"]) in wanted]
+            if cache:
+                write_jsonl(cache, rows)
+                print(f"evaluate: {name}: cache miss, {len(rows)} predictions stored in {cache}", file=sys.stderr)
+        preds += rows
+    return preds, latency, hits, over_budget
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,10 +321,11 @@ def main(argv: list[str] | None = None) -> None:
     examples = read_validated(args.data, EXAMPLES)
     out, reports = Path(args.out), Path(args.reports)
     work = out / ".resume" / config_hash(cfg, models, [e["id"] for e in examples])
-    preds, latency = run(cfg, models, examples, work)
+    preds, latency, cached, over_budget = run(cfg, models, examples, work, cfg.cache_dir)
     validate(preds, PREDICTIONS, out / "predictions.jsonl")
-    summary = summarise(preds, latency)
+    summary = summarise(preds, latency, cached)
     write_jsonl(out / "predictions.jsonl", preds)
+    write_json(out / "stats.json", {"max_prompt_tokens": cfg.max_prompt_tokens, "prompts_over_budget": over_budget})
     summary["effect_checks"] = {"musique": effect_checks(summary)}
     write_json(reports / "summary.json", summary)
     write_text(reports / "summary.md", markdown(summary))

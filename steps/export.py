@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(ExportConfig, "export", args.params)
     summary = read_json(args.summary)
     metrics = {f"{ds}.{k}": v for ds, ms in summary["datasets"].items()
-               for k, v in (ms.get(cfg.source) or {}).items() if isinstance(v, (int, float))}
+               for k, v in (ms.get(cfg.source) or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if not metrics:
         raise InputError(f"{args.summary}: no evaluation of model {cfg.source!r}; have "
                          f"{sorted({m for ms in summary['datasets'].values() for m in ms})}")

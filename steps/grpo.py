@@ -1,27 +1,30 @@
 """grpo: reinforcement learning for reasoning efficiency on top of the RFT model.
 
 Reward per completion j:  r_j = w_c * C + w_h * H + w_l * r_length  (steps.core.rewards), with
-C and H from the same judge as the judge stage and L_ref measured here from the RFT model's
-own outputs: `ref_samples` sampled completions per prompt at the GRPO temperature, averaged.
+C and H from the same judge as the judge stage and L_ref measured here from the starting
+policy's own outputs: `ref_samples` sampled completions per prompt at the GRPO temperature,
+averaged. The starting policy is the RFT model, or the student base with `init: student_base`
+(the "GRPO only" ablation).
 TRL's GRPOTrainer supplies the rest of the paper's objective: group z-score advantages over
 the K generations of a prompt (`scale_rewards: group`), the clipped ratio with clip eta
 (`epsilon`) and the KL penalty beta (`beta`). Rewards are registered by name, so other
 methods' rewards (AdaptThink, Router-R1, RelayLLM) plug in through params alone.
 
-Input: rft/model, ingest/train.jsonl. Output: model/, ref_lengths.jsonl, metrics.json,
-train_log.csv (every reward component, completion length, KL per logging step).
+Input: rft/model (or the student base in pretrain_demo/models.json), ingest/train.jsonl.
+Output: model/, ref_lengths.jsonl, metrics.json, train_log.csv (every reward component,
+completion length, KL per logging step).
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from steps.core import training
 from steps.core.backends import SamplingParams, TransformersBackend
 from steps.core.config import help_field, load_config
-from steps.core.io import write_json, write_jsonl
+from steps.core.io import read_json, write_json, write_jsonl
 from steps.core.rewards import REWARDS, make_rewards
 from steps.core.schemas import EXAMPLES, read_validated
 
@@ -31,7 +34,8 @@ DEFAULT_REWARDS = {"correctness": {"weight": 1.0}, "helpfulness": {"weight": 1.0
 
 @dataclass(frozen=True)
 class GrpoConfig:
-    policy_model: str | None = help_field(None, "start from this model instead of rft/model (e.g. the student base)")
+    init: Literal["rft", "student_base"] = help_field("rft", "starting policy: the RFT model, or the student base "
+                                                             "(GRPO without RFT)")
     rewards: dict = field(default_factory=lambda: dict(DEFAULT_REWARDS),
                           metadata={"help": "reward name -> {weight, options}; see steps.core.rewards"})
     num_generations: int = help_field(8, "K: completions per prompt (the GRPO group)")
@@ -51,7 +55,7 @@ class GrpoConfig:
     bf16: bool | None = help_field(None, "None: on GPU only")
     threads: int = help_field(2, "torch CPU threads")
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
-    seed: int = help_field(0, "from base.seed")
+    seed: int = help_field(0, "null: base.seed; changing it alone re-runs grpo and evaluate only")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.rewards) - set(REWARDS))
@@ -66,7 +70,7 @@ class GrpoConfig:
 
 
 def measure_ref_lengths(model_dir: str, rows: list[dict[str, Any]], cfg: GrpoConfig) -> list[float]:
-    """L_ref per prompt: mean length of `ref_samples` completions of the RFT model."""
+    """L_ref per prompt: mean length of `ref_samples` completions of the starting policy."""
     backend = TransformersBackend(model_dir, batch_size=64, threads=cfg.threads)
     from steps.core.prompts import Prompt
     prompts = [Prompt(messages=(), text=r["prompt"], key=r["id"]) for r in rows]
@@ -123,13 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data/ingest/train.jsonl")
     ap.add_argument("--rft", default="data/rft/model")
+    ap.add_argument("--models", default="data/pretrain_demo/models.json", help="holds the student base (init: student_base)")
     ap.add_argument("--out", default="data/grpo")
     args = ap.parse_args(argv)
     cfg = load_config(GrpoConfig, "grpo", args.params)
-    policy = cfg.policy_model or args.rft
+    policy = args.rft if cfg.init == "rft" else read_json(args.models)["student_base"]
     examples = read_validated(args.data, EXAMPLES)[: cfg.max_prompts]
     rows = training.prompt_rows(examples, AutoTokenizer.from_pretrained(policy), cfg.chat_template_kwargs)
-    ref = measure_ref_lengths(args.rft, rows, cfg)
+    ref = measure_ref_lengths(policy, rows, cfg)
     for r, length in zip(rows, ref):
         r["ref_length"] = length
     out = Path(args.out)

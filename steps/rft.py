@@ -36,7 +36,7 @@ class RftConfig:
     bf16: bool | None = help_field(None, "None: on GPU only")
     threads: int = help_field(2, "torch CPU threads")
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
-    seed: int = help_field(0, "from base.seed")
+    seed: int = help_field(0, "null: base.seed; changing it alone re-runs rft, grpo and evaluate only")
 
 
 def sft_rows(examples: list[dict[str, Any]], kept: list[dict[str, Any]], tokenizer: Any,

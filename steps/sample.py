@@ -8,25 +8,45 @@ Resumable: completions are persisted in whole shard files under `.resume/<key>/`
 batch arrives, where the key hashes the config, the model and the input file. A run killed at
 any moment and started again skips what is already there, so nothing is lost or duplicated;
 a changed config or input gets a fresh key, so stale samples never mix in.
+
+Prompts fit `max_prompt_tokens` (steps.core.prompts: the least relevant documents are
+dropped); stats.json counts the examples that lost documents, and a warning says how many.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from steps.core import prompts as P
 from steps.core.backends import Completion, SamplingParams, make_backend
-from steps.core.config import config_hash, help_field, load_config
+from steps.core.config import ConfigError, config_hash, help_field, load_config
 from steps.core.io import ShardWriter, read_json, write_json, write_jsonl
 from steps.core.schemas import CANDIDATES, EXAMPLES, read_validated, validate
 
 
+log = logging.getLogger(__name__)
+
+# Set in the environment of the stage's second run under `SampleConfig.python`.
+CHILD_ENV = "PIPELINE_STAGE_CHILD"
+
+
 @dataclass(frozen=True)
 class SampleConfig:
+    """`python` runs the generation under another interpreter. The in-process vLLM back end
+    needs vLLM, which lives in an environment of its own (it pins a web stack that Prefect
+    cannot share): on a CPU machine `make install-vllm` creates `.venv-vllm`, and
+    `python: .venv-vllm/bin/python` makes the stage run itself again there, with tracking off,
+    then log to MLflow from this interpreter once the outputs are written. In the vllm
+    container image the interpreter has vLLM already and `python` stays null."""
+
     backend: str = help_field("transformers", "generation back end: transformers | vllm | openai")
     backend_options: dict = field(default_factory=dict, metadata={"help": "passed to the back end (batch_size, base_url, ...)"})
     model: str | None = help_field(None, "teacher override; default: pretrain_demo/models.json teacher")
@@ -37,6 +57,10 @@ class SampleConfig:
     max_examples: int | None = help_field(None, "sample only the first N training examples")
     shard_size: int = help_field(64, "prompts per generate call (and at most per resume shard)")
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true} for Qwen3"})
+    max_prompt_tokens: int | None = help_field(4096, "prompt budget; the least relevant documents are dropped "
+                                                     "to fit (null: no budget)")
+    python: str | None = help_field(None, "interpreter that runs the generation (null: this one), e.g. "
+                                          ".venv-vllm/bin/python for backend vllm on a CPU machine")
     seed: int = help_field(0, "from base.seed")
 
     def __post_init__(self) -> None:
@@ -44,6 +68,8 @@ class SampleConfig:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1 or null, got {self.max_prompt_tokens}")
 
 
 def candidate_row(example: dict[str, Any], j: int, c: Completion, model: str) -> dict[str, Any]:
@@ -54,37 +80,52 @@ def candidate_row(example: dict[str, Any], j: int, c: Completion, model: str) ->
 
 
 def sample(cfg: SampleConfig, examples: list[dict[str, Any]], model: str, work: Path,
-           backend: Any = None) -> list[dict[str, Any]]:
-    """k candidates per example, resuming from shards in `work`. Returns rows in input order."""
+           backend: Any = None) -> tuple[list[dict[str, Any]], int]:
+    """k candidates per example, resuming from shards in `work`. Returns the rows in input
+    order, and how many examples' prompts lost documents to the prompt budget."""
     from tqdm import tqdm
 
     examples = examples[: cfg.max_examples] if cfg.max_examples else examples
+    if not examples:
+        return [], 0
     shards = ShardWriter(work, key_fields=("id", "sample_idx"))
     done = shards.done_keys()
     todo = [e for e in examples if any((e["id"], j) not in done for j in range(cfg.k))]
+    # Built even when every shard exists: its tokenizer decides what fits the budget, and the
+    # count covers every example, resumed ones included.
+    backend = backend or make_backend(cfg.backend, model=model, **cfg.backend_options)
+    if getattr(backend, "concurrency", 0) > cfg.shard_size * cfg.k:
+        log.warning("sample: each call sends shard_size x k = %d requests, fewer than the back end's concurrency "
+                    "%d: raise shard_size to keep the server busy", cfg.shard_size * cfg.k, backend.concurrency)
+    tokenizer = getattr(backend, "tokenizer", None)
+    prompts = {e["id"]: P.build(e, tokenizer, cfg.chat_template_kwargs, cfg.max_prompt_tokens) for e in examples}
+    over_budget = sum(p.meta["dropped_documents"] > 0 for p in prompts.values())
+    if over_budget:
+        log.warning("sample: %d of %d prompts exceeded max_prompt_tokens=%s; their least relevant documents "
+                    "were dropped", over_budget, len(examples), cfg.max_prompt_tokens)
     if todo:
-        backend = backend or make_backend(cfg.backend, model=model, **cfg.backend_options)
-        tokenizer = getattr(backend, "tokenizer", None)
         sampling = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="sample", unit="ex")
         for start in range(0, len(todo), cfg.shard_size):
             chunk = todo[start:start + cfg.shard_size]
-            prompts = [P.build(e, tokenizer, cfg.chat_template_kwargs) for e in chunk]
 
             def persist(indices: list[int], comps: list[list[Completion]], chunk=chunk) -> None:
                 rows = [candidate_row(chunk[i], j, c, model) for i, cs in zip(indices, comps) for j, c in enumerate(cs)]
                 shards.append([r for r in rows if (r["id"], r["sample_idx"]) not in done])
                 bar.update(len(indices))
 
-            backend.generate(prompts, sampling, on_batch=persist)
+            backend.generate([prompts[e["id"]] for e in chunk], sampling, on_batch=persist)
         bar.close()
     by_key = {(r["id"], r["sample_idx"]): r for r in shards.rows()}
-    return [by_key[(e["id"], j)] for e in examples for j in range(cfg.k) if (e["id"], j) in by_key]
+    rows = [by_key[(e["id"], j)] for e in examples for j in range(cfg.k) if (e["id"], j) in by_key]
+    return rows, over_budget
 
 
-def stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"candidates": len(rows)}
+def stats(rows: list[dict[str, Any]], prompts_over_budget: int = 0) -> dict[str, Any]:
+    """Counts per dataset; `truncated_fraction` is of completions cut by max_new_tokens, and
+    `prompts_over_budget` counts examples whose prompt lost documents to max_prompt_tokens."""
+    out: dict[str, Any] = {"candidates": len(rows), "prompts_over_budget": prompts_over_budget}
     for ds in sorted({r["dataset"] for r in rows}):
         part = [r for r in rows if r["dataset"] == ds]
         out[ds] = {"candidates": len(part),
@@ -105,21 +146,46 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/sample")
     args = ap.parse_args(argv)
     cfg = load_config(SampleConfig, "sample", args.params)
-    examples = read_validated(args.data, EXAMPLES)
-    model = cfg.model or read_json(args.models)["teacher"]
     out = Path(args.out)
+    if os.environ.get(CHILD_ENV):  # the run under `python`: the one that started it logs the stage
+        generate(cfg, args.data, args.models, out)
+        return
+    if cfg.python:
+        run_under(cfg.python, sys.argv[1:] if argv is None else argv, args.params)
+        st = read_json(out / "stats.json")
+    else:
+        st = generate(cfg, args.data, args.models, out)
+    from steps.core import tracking
+    metrics = {f"{ds}_mean_completion_tokens": v["mean_completion_tokens"] for ds, v in st.items()
+               if isinstance(v, dict)}
+    tracking.log_stage("sample", cfg, metrics={**metrics, "prompts_over_budget": st["prompts_over_budget"]})
+
+
+def generate(cfg: SampleConfig, data: str, models: str, out: Path) -> dict[str, Any]:
+    """The stage's work: candidates.jsonl and stats.json under `out`; returns the stats."""
+    examples = read_validated(data, EXAMPLES)
+    model = cfg.model or read_json(models)["teacher"]
     model_id = _file_digest(Path(model) / "config.json") if (Path(model) / "config.json").exists() else model
-    work = out / ".resume" / config_hash(cfg, model, model_id, _file_digest(Path(args.data)))
-    rows = sample(cfg, examples, model, work)
+    work = out / ".resume" / config_hash(cfg, model, model_id, _file_digest(Path(data)))
+    rows, over_budget = sample(cfg, examples, model, work)
     validate(rows, CANDIDATES, out / "candidates.jsonl")
     write_jsonl(out / "candidates.jsonl", rows)
-    st = stats(rows)
+    st = stats(rows, over_budget)
     write_json(out / "stats.json", st)
     shutil.rmtree(out / ".resume", ignore_errors=True)  # only after the output is safely written
-    from steps.core import tracking
-    tracking.log_stage("sample", cfg, metrics={f"{ds}_mean_completion_tokens": v["mean_completion_tokens"]
-                                               for ds, v in st.items() if isinstance(v, dict)})
     print(f"sample: {len(rows)} candidates -> {out / 'candidates.jsonl'}")
+    return st
+
+
+def run_under(python: str, argv: list[str], params: str) -> None:
+    """This stage again, under `python` (SampleConfig docstring); its exit status is ours."""
+    if not shutil.which(python):
+        raise ConfigError(f"{params}: section 'sample': python {python!r} is not an executable "
+                          "(`make install-vllm` creates .venv-vllm/bin/python)")
+    env = {**os.environ, CHILD_ENV: "1"}
+    code = subprocess.run([python, "-m", "steps.sample", *argv], env=env).returncode
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -17,6 +18,8 @@ import yaml
 
 from steps.core import synth
 from steps.ingest import parse_ecommerce, parse_musique
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_DENSE = {"type": "qwen3", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
               "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 64}
@@ -42,9 +45,26 @@ def tiny_model(path: Path, arch: dict, rows: list[dict], seed: int = 0) -> Path:
     return path
 
 
-# --- Pipeline workspaces (test_pipeline, test_dvc_remote, test_docker_e2e) -------------------
+def byte_level_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer over `texts`, as real models have (any string is spellable and
+    decodes exactly), with the pipeline's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-ROOT = Path(__file__).resolve().parents[1]
+    from steps.core.modeling import CHAT_TEMPLATE, SPECIAL
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+# --- Pipeline workspaces (test_pipeline, test_vllm, test_dvc_remote, test_docker_e2e) -----------
+
 # Commits in test repositories must not depend on the machine's git identity.
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
 
@@ -142,3 +162,40 @@ def moto_s3(log_dir: Path) -> Iterator[dict[str, str]]:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def dvc(ws: Path, env: dict[str, str], *args: str) -> tuple[str, float]:
+    """Run dvc in `ws`; asserts success. Returns (stdout + stderr, seconds)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["dvc", *args], cwd=ws, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr, time.perf_counter() - t0
+
+
+def check_pipeline_outputs(ws: Path) -> None:
+    """Every output of a finished micro pipeline run exists and validates against its schema."""
+    from steps.core.io import read_jsonl
+    from steps.core.schemas import CANDIDATES, EXAMPLES, JUDGED, PREDICTIONS, validate
+
+    d = ws / "data"
+    for path, schema in ((d / "ingest/train.jsonl", EXAMPLES), (d / "ingest/eval.jsonl", EXAMPLES),
+                         (d / "sample/candidates.jsonl", CANDIDATES), (d / "judge/judged.jsonl", JUDGED),
+                         (d / "evaluate/predictions.jsonl", PREDICTIONS)):
+        validate(read_jsonl(path), schema, path)
+    for model in ("pretrain_demo/teacher", "pretrain_demo/student_base", "rft/model", "grpo/model"):
+        assert (d / model / "model.safetensors").exists(), model
+    for f in ("rft/model/meta.json", "grpo/model/meta.json", "grpo/ref_lengths.jsonl", "grpo/train_log.csv",
+              "export/bundle/checksums.json", "export/bundle/README.md", "export/bundle/tokenizer.json"):
+        assert (d / f).exists(), f
+    summary = json.loads((ws / "reports/summary.json").read_text())
+    assert set(summary["datasets"]) == {"musique", "ecommerce"}
+    for ds, models in summary["datasets"].items():
+        assert list(models) == ["teacher", "student_base", "rft", "rft_grpo"]
+        for m in models.values():
+            for key in ("correctness", "helpfulness", "tokens_per_response", "decode_tflops_per_response"):
+                assert 0 <= m[key] <= (1 if key in ("correctness", "helpfulness") else float("inf"))
+            assert (m["em"] is None) == (ds == "ecommerce") and m["n"] == 4
+    assert (ws / "reports/plots/tokens_vs_correctness.png").stat().st_size > 1000
+    stats = json.loads((d / "evaluate/stats.json").read_text())
+    assert stats["prompts_over_budget"] == {m: 0 for m in ("teacher", "student_base", "rft", "rft_grpo")}
+    assert json.loads((d / "sample/stats.json").read_text())["prompts_over_budget"] == 0

@@ -260,7 +260,7 @@ def test_sample_stage_with_the_openai_backend(serve, tmp_path):
     server = serve(reasoning_field=True)
     cfg = SampleConfig(backend="openai", k=2, shard_size=3, chat_template_kwargs={"enable_thinking": True},
                        backend_options={"base_url": server.base_url, **FAST})
-    rows = sample(cfg, examples(), "fake", tmp_path / "work")
+    rows, _ = sample(cfg, examples(), "fake", tmp_path / "work")
     validate(rows, CANDIDATES, "candidates")
     assert len(rows) == 12 and all(r["thinking"] and r["response"].startswith("the answer is") for r in rows)
     assert all(b["chat_template_kwargs"] == {"enable_thinking": True} for b in server.bodies)

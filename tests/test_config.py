@@ -34,6 +34,14 @@ def test_types_are_checked_and_lists_become_tuples(tmp_path):
         load_config(Demo, "demo", p)
 
 
+def test_a_null_base_key_follows_base_and_a_set_one_wins(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("base: {seed: 7}\ndemo: {seed: null}\n")
+    assert load_config(Demo, "demo", p).seed == 7
+    p.write_text("base: {seed: 7}\ndemo: {seed: 1}\n")
+    assert load_config(Demo, "demo", p).seed == 1
+
+
 def test_missing_section_and_missing_file(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("other: {}\n")

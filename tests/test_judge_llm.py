@@ -37,6 +37,7 @@ def judge(server: FakeOpenAIServer, **kw) -> LLMJudge:
     ('Verdict:\n```json\n{"correct": true, "helpful": "1", "rationale": "r"}\n```\nDone.', Ballot(1, 1, "r")),
     ('<think>maybe {"correct": 0, "helpful": 0}</think>\n{"correct": 1, "helpful": 1}', Ballot(1, 1, "")),
     ('set {a, b} then {"correct": "no", "helpful": "yes", "rationale": "x"}', Ballot(0, 1, "x")),
+    ('{"rationale": "two\nlines\tand \x02", "correct": 1, "helpful": 0}', Ballot(1, 0, "two\nlines\tand \x02")),
 ])
 def test_parse_verdict_is_tolerant(text, expected):
     assert parse_verdict(text) == expected

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from steps.core.io import read_jsonl
-from steps.core.schemas import CANDIDATES, EXAMPLES, JUDGED, PREDICTIONS, validate
-from tests.helpers import pipeline_workspace
+from steps.core.schemas import CANDIDATES, validate
+from tests.helpers import ROOT, check_pipeline_outputs, dvc, pipeline_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -21,36 +21,11 @@ def workspace(tmp_path_factory):
     return ws, pipeline_workspace(ws)
 
 
-def dvc(ws, env, *args):
-    t0 = time.perf_counter()
-    proc = subprocess.run(["dvc", *args], cwd=ws, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr, time.perf_counter() - t0
-
-
 def test_micro_pipeline_end_to_end(workspace):
     ws, env = workspace
     dvc(ws, env, "repro")
-    d = ws / "data"
-    for path, schema in ((d / "ingest/train.jsonl", EXAMPLES), (d / "ingest/eval.jsonl", EXAMPLES),
-                         (d / "sample/candidates.jsonl", CANDIDATES), (d / "judge/judged.jsonl", JUDGED),
-                         (d / "evaluate/predictions.jsonl", PREDICTIONS)):
-        validate(read_jsonl(path), schema, path)
-    for model in ("pretrain_demo/teacher", "pretrain_demo/student_base", "rft/model", "grpo/model"):
-        assert (d / model / "model.safetensors").exists(), model
-    for f in ("rft/model/meta.json", "grpo/model/meta.json", "grpo/ref_lengths.jsonl", "grpo/train_log.csv",
-              "export/bundle/checksums.json", "export/bundle/README.md", "export/bundle/tokenizer.json"):
-        assert (d / f).exists(), f
-    summary = json.loads((ws / "reports/summary.json").read_text())
-    assert set(summary["datasets"]) == {"musique", "ecommerce"}
-    for ds, models in summary["datasets"].items():
-        assert list(models) == ["teacher", "student_base", "rft", "rft_grpo"]
-        for m in models.values():
-            for key in ("correctness", "helpfulness", "tokens_per_response", "decode_tflops_per_response"):
-                assert 0 <= m[key] <= (1 if key in ("correctness", "helpfulness") else float("inf"))
-            assert (m["em"] is None) == (ds == "ecommerce") and m["n"] == 4
-    assert (ws / "reports/plots/tokens_vs_correctness.png").stat().st_size > 1000
-    registry = json.loads((d / "export/registry.json").read_text())
+    check_pipeline_outputs(ws)
+    registry = json.loads((ws / "data/export/registry.json").read_text())
     assert registry["model_name"] == "livethinking-student" and registry["version"] == 1
 
 

@@ -38,13 +38,13 @@ def test_sample_core_resumes_without_duplicates(rows, model_dir, tmp_path):
     from steps.sample import SampleConfig, sample
     cfg = SampleConfig(k=3, max_new_tokens=8, shard_size=4, backend_options={"batch_size": 6})
     work = tmp_path / "work"
-    first = sample(cfg, rows[:4], str(model_dir), work)
+    first, _ = sample(cfg, rows[:4], str(model_dir), work)
     assert len(first) == 12
-    again = sample(cfg, rows, str(model_dir), work)  # 4 done, 6 new
+    again, over_budget = sample(cfg, rows, str(model_dir), work)  # 4 done, 6 new
     validate(again, CANDIDATES, "candidates.jsonl")
     assert [(r["id"], r["sample_idx"]) for r in again] == [(e["id"], j) for e in rows for j in range(3)]
     assert again[:12] == first
-    assert all(0 < r["completion_tokens"] <= 8 for r in again)
+    assert all(0 < r["completion_tokens"] <= 8 for r in again) and over_budget == 0
 
 
 def test_transformers_backend_greedy_is_deterministic(rows, model_dir):
@@ -86,15 +86,15 @@ def test_rule_judge_ecommerce_grounding(ecommerce_example):
 def test_evaluate_core_scores_and_summarises(rows, model_dir, tmp_path):
     from steps.evaluate import EvaluateConfig, markdown, run, summarise
     cfg = EvaluateConfig(max_new_tokens=6, latency_probe_n=2, backend_options={"batch_size": 8})
-    preds, latency = run(cfg, {"teacher": str(model_dir), "rft": str(model_dir)}, rows, tmp_path / "w")
+    preds, latency, _, over_budget = run(cfg, {"teacher": str(model_dir), "rft": str(model_dir)}, rows, tmp_path / "w")
     validate(preds, PREDICTIONS, "predictions.jsonl")
     summary = summarise(preds, latency)
     assert set(summary["datasets"]) == {"musique", "ecommerce"}
     m = summary["datasets"]["musique"]["teacher"]
     assert m["n"] == 6 and 0 < m["tokens_per_response"] <= 6 and m["decode_tflops_per_response"] > 0
     assert summary["datasets"]["ecommerce"]["rft"]["em"] is None
-    assert "| teacher |" in markdown(summary)
-    again, _ = run(cfg, {"teacher": str(model_dir), "rft": str(model_dir)}, rows, tmp_path / "w")
+    assert "| teacher |" in markdown(summary) and over_budget == {"teacher": 0, "rft": 0}
+    again, _, _, _ = run(cfg, {"teacher": str(model_dir), "rft": str(model_dir)}, rows, tmp_path / "w")
     assert again == preds  # resumed from the shards: nothing regenerated, nothing duplicated
 
 

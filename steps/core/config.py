@@ -102,14 +102,15 @@ def build(cls: type[T], section: dict[str, Any], where: str) -> T:
 def load_config(cls: type[T], stage: str, path: Path | str = PARAMS_FILE,
                 params: dict[str, Any] | None = None) -> T:
     """Build `cls` from section `stage`; declared fields named in `base` are filled from there
-    unless the stage section sets them itself."""
+    unless the stage section sets them itself (null counts as unset, so `rft: {seed: null}`
+    documents the key in params.yaml and still follows `base.seed`)."""
     params = load_params(path) if params is None else params
     if stage not in params:
         raise ConfigError(f"{path}: missing section '{stage}'")
     section = dict(params[stage] or {})
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for k, v in (params.get("base") or {}).items():
-        if k in names and k not in section:
+        if k in names and section.get(k) is None:
             section[k] = v
     return build(cls, section, f"{path}: section '{stage}'")
 

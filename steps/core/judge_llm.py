@@ -51,9 +51,12 @@ Reply with one JSON object and nothing else:
 {"rationale": "<one or two sentences naming the decisive evidence>", "correct": 0 or 1, "helpful": 0 or 1}"""
 
 # Property order matters under guided decoding: the rationale is generated before the labels.
+# The length cap bounds what a verdict costs, and makes any model, however poor, close the
+# string and reach the labels within max_new_tokens.
+RATIONALE_MAX_CHARS = 500
 VERDICT_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "properties": {"rationale": {"type": "string"},
+    "properties": {"rationale": {"type": "string", "maxLength": RATIONALE_MAX_CHARS},
                    "correct": {"type": "integer", "enum": [0, 1]},
                    "helpful": {"type": "integer", "enum": [0, 1]}},
     "required": ["rationale", "correct", "helpful"],
@@ -96,7 +99,9 @@ def parse_verdict(text: str) -> Ballot:
     """The first JSON object in `text` that carries both labels; a reasoning block before a
     `</think>` is skipped, since its drafts may hold objects that are not the verdict."""
     body = text.rsplit("</think>", 1)[-1]
-    decoder = json.JSONDecoder()
+    # strict=False: a raw newline or tab inside the rationale is common in model output, and
+    # guided decoding lets control characters through in length-capped strings (xgrammar 0.2).
+    decoder = json.JSONDecoder(strict=False)
     errors = []
     for m in re.finditer(r"\{", body):
         try:

@@ -5,12 +5,21 @@ documents D_t and the question Q_t); the tokenizer's own chat template renders t
 models ship a template too), so a real model and the embedded one take the same path.
 A completion is `<think> T </think> R`; models that put the trace in a separate
 `reasoning_content` field are handled by the back end that receives it.
+
+Context budget: `build(..., max_prompt_tokens=N)` drops whole documents, least relevant first
+(fewest content words shared with the question and the history; the later one among equals),
+until the prompt fits; the question and the history are never cut. How many were dropped is in
+`Prompt.meta["dropped_documents"]`, so stages count and report the examples that lost context.
 """
 from __future__ import annotations
 
+import bisect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from steps.core.metrics import content_tokens
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 INSTRUCTION = "reply with : the answer is X ."
@@ -42,12 +51,61 @@ def render(example: dict[str, Any], tokenizer: Any, chat_template_kwargs: dict[s
     return Prompt(messages=tuple(msgs), text=text, key=example["id"])
 
 
-def build(example: dict[str, Any], tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None) -> Prompt:
+class PromptBudgetError(ValueError):
+    """The question and the history alone exceed the prompt budget."""
+
+
+def relevance_order(example: dict[str, Any]) -> list[int]:
+    """Document indices, least relevant first: fewest content words shared with the question
+    and the history, and the later document first among equals. Labels (gold documents) are
+    never consulted: a prompt must not depend on the answer."""
+    query = set(content_tokens(" ".join([example["question"], *(t["content"] for t in example["history"])])))
+    overlap = [len(query.intersection(content_tokens(d))) for d in example["documents"]]
+    return sorted(range(len(overlap)), key=lambda i: (overlap[i], -i))
+
+
+def drop_documents(example: dict[str, Any], n: int) -> dict[str, Any]:
+    """The example without its `n` least relevant documents; the others keep their order."""
+    gone = set(relevance_order(example)[:n])
+    return {**example, "documents": [d for i, d in enumerate(example["documents"]) if i not in gone]}
+
+
+def fit_documents(example: dict[str, Any], size: Callable[[dict[str, Any]], int], max_tokens: int) -> int:
+    """The fewest documents to drop (drop_documents) for `size` of the example to be at most
+    `max_tokens`. Raises PromptBudgetError when dropping them all is not enough."""
+    if size(example) <= max_tokens:
+        return 0
+    # Dropping documents only shortens the prompt, so the fewest drops that fit can be bisected.
+    n_docs = len(example["documents"])
+    n = bisect.bisect_left(range(n_docs + 1), True, lo=1, key=lambda k: size(drop_documents(example, k)) <= max_tokens)
+    if n > n_docs:
+        raise PromptBudgetError(f"example {example['id']!r}: the question and history alone take "
+                                f"{size(drop_documents(example, n_docs))} tokens, more than "
+                                f"max_prompt_tokens={max_tokens}")
+    return n
+
+
+def prompt_size(tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None) -> Callable[[dict[str, Any]], int]:
+    """Tokens of the rendered prompt; without a local tokenizer (a server applies its own
+    template), whitespace-separated words of the messages, an estimate."""
+    if tokenizer is None:
+        return lambda e: sum(len(m["content"].split()) for m in messages(e))
+    return lambda e: len(tokenizer(render(e, tokenizer, chat_template_kwargs).text,
+                                   add_special_tokens=False)["input_ids"])
+
+
+def build(example: dict[str, Any], tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None,
+          max_prompt_tokens: int | None = None) -> Prompt:
     """The prompt a back end needs: rendered text when it tokenises locally (`tokenizer` given),
     chat messages always. The template switches travel in `meta` too, because a server applies
     its own chat template (the OpenAI back end forwards them) and would otherwise silently drop
-    `enable_thinking`."""
-    meta = {"chat_template_kwargs": dict(chat_template_kwargs or {})}
+    `enable_thinking`. With `max_prompt_tokens`, documents are dropped until the prompt fits
+    (module docstring); `meta["dropped_documents"]` says how many."""
+    dropped = 0
+    if max_prompt_tokens is not None:
+        dropped = fit_documents(example, prompt_size(tokenizer, chat_template_kwargs), max_prompt_tokens)
+        example = drop_documents(example, dropped) if dropped else example
+    meta = {"chat_template_kwargs": dict(chat_template_kwargs or {}), "dropped_documents": dropped}
     if tokenizer is None:
         return Prompt(messages=tuple(messages(example)), text="", key=example["id"], meta=meta)
     rendered = render(example, tokenizer, chat_template_kwargs)

@@ -2,7 +2,8 @@
 
 Each stage process logs one run. When the Prefect flow (or any caller) exports
 MLFLOW_PARENT_RUN_ID, the stage's run is nested under that pipeline run; otherwise it stands
-alone. The tracking store defaults to a local SQLite file (`sqlite:///mlflow.db`);
+alone. PIPELINE_EXPERIMENT (set by flows/ablations.py) tags it with the DVC experiment it
+belongs to. The tracking store defaults to a local SQLite file (`sqlite:///mlflow.db`);
 MLFLOW_TRACKING_URI overrides it (an MLflow server, with artefacts on S3). Set
 PIPELINE_TRACKING=off to skip tracking entirely (unit tests of stage cores).
 """
@@ -60,6 +61,8 @@ def stage_run(stage: str, cfg: Any = None) -> Iterator[Any]:
     tags = {"stage": stage, "git_commit": git_commit()}
     if parent:
         tags["mlflow.parentRunId"] = parent
+    if os.environ.get("PIPELINE_EXPERIMENT"):
+        tags["experiment"] = os.environ["PIPELINE_EXPERIMENT"]
     with mlflow.start_run(run_name=stage, tags=tags):
         if cfg is not None:
             mlflow.log_params(_flatten("", cfg, {}))

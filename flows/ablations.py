@@ -1,0 +1,186 @@
+"""Ablations as DVC experiments, then their report.
+
+Every distinct (overrides, seed) of ablations.yaml is one `dvc exp run -n <run> -S key=value ...
+evaluate` in this workspace, one after the other, so that all of them share its DVC cache, the
+run cache (a stage whose inputs a previous run already saw is restored, not re-run) and the
+evaluation cache (.cache/evaluate: the teacher and the student base are generated once). The
+experiments stop at evaluate: export and promote would register every variant in the model
+registry. Right after a run, its reports/summary.json and data/grpo/train_log.csv are copied
+to reports/ablations/runs/<run>/ with a run.json; a run whose copy exists with the same
+settings is skipped, so an interrupted flow resumes. At the end the workspace is put back as it
+was, also when a run fails or the flow is killed (the next start restores first): params.yaml,
+dvc.lock and the outputs DVC does not cache from a snapshot, the rest by `dvc checkout`.
+Then steps/ablations.py writes the report.
+
+    python -m flows.ablations                            # every variant
+    python -m flows.ablations --only rft_grpo grpo_only  # some of them
+    python -m flows.ablations --dry-run                  # the plan and its commands
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+
+from flows.pipeline import StageFailed, _stream
+from steps import ablations as report_step
+from steps.core.io import read_json, write_json
+
+RUNS = Path("reports/ablations/runs")
+# What the experiments change that `dvc checkout` cannot bring back, saved while the flow runs.
+SNAPSHOT = Path(".cache/ablations/workspace")
+
+
+def dvc_command(run: report_step.Run) -> list[str]:
+    cmd = ["dvc", "exp", "run", "-n", run.name]
+    for key, value in run.settings.items():
+        cmd += ["-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return cmd + ["evaluate"]
+
+
+def is_copied(run: report_step.Run, runs_dir: Path) -> bool:
+    meta = runs_dir / run.name / "run.json"
+    if not meta.exists():
+        return False
+    done = read_json(meta)
+    return (done.get("overrides"), done.get("seed"), done.get("settings")) == (run.overrides, run.seed, run.settings)
+
+
+def workspace_files(dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
+    """params.yaml, dvc.lock and every output declared with `cache: false`."""
+    paths = [Path("params.yaml"), Path("dvc.lock")]
+    for stage in yaml.safe_load(dvc_yaml.read_text())["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                if isinstance(entry, dict):
+                    paths += [Path(p) for p, opts in entry.items() if (opts or {}).get("cache") is False]
+    return paths
+
+
+def _copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(src, dest)
+    else:
+        shutil.copy2(src, dest)
+
+
+def snapshot_workspace() -> None:
+    """Save the workspace files; if a killed flow left a complete snapshot, restore that one
+    first and keep it."""
+    manifest = SNAPSHOT / "manifest.json"
+    if manifest.exists():
+        restore_files()
+        return
+    shutil.rmtree(SNAPSHOT, ignore_errors=True)
+    paths = workspace_files()
+    for p in paths:
+        if p.exists():
+            _copy(p, SNAPSHOT / p)
+    # Written last: only a complete snapshot is ever restored.
+    write_json(manifest, {"paths": [str(p) for p in paths], "saved": [str(p) for p in paths if p.exists()]})
+
+
+def restore_files(only: tuple[str, ...] | None = None) -> None:
+    manifest = read_json(SNAPSHOT / "manifest.json")
+    for p in map(Path, manifest["paths"]):
+        if only and str(p) not in only:
+            continue
+        if str(p) in manifest["saved"]:
+            _copy(SNAPSHOT / p, p)
+        elif p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def restore_workspace(logger: Any) -> None:
+    """The workspace as it was: the snapshot, then the cached data that dvc.lock names."""
+    restore_files()
+    proc = subprocess.run(["dvc", "checkout", "--force"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        logger.warning("dvc checkout after the ablations failed; run it by hand:\n%s", proc.stderr[-2000:])
+    shutil.rmtree(SNAPSHOT)
+
+
+@task(name="dvc-experiment", task_run_name="{run.name}")
+def run_experiment(run: report_step.Run, runs_dir: Path, env: dict[str, str]) -> None:
+    logger = get_run_logger()
+    # -S edits params.yaml in place: start each run from the saved one, not the last run's.
+    restore_files(only=("params.yaml",))
+    # A run that died after `dvc exp run` saved it but before its copy: replace it.
+    subprocess.run(["dvc", "exp", "remove", run.name], capture_output=True)
+    t0 = time.perf_counter()
+    _stream(dvc_command(run), {**env, "PIPELINE_EXPERIMENT": run.name}, run.name, logger)
+    seconds = time.perf_counter() - t0
+    dest = runs_dir / run.name
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    shutil.copy2("reports/summary.json", dest / "summary.json")
+    if Path("data/grpo/train_log.csv").exists():
+        shutil.copy2("data/grpo/train_log.csv", dest / "train_log.csv")
+    # Written last: a copy without run.json is unfinished and is run again.
+    write_json(dest / "run.json", {"name": run.name, "seed": run.seed, "overrides": run.overrides,
+                                   "settings": run.settings, "command": dvc_command(run),
+                                   "seconds": round(seconds, 1), "finished_unix": int(time.time())})
+    logger.info("%s: done in %.0f s, copied to %s", run.name, seconds, dest)
+
+
+@flow(name="livethinking-ablations", log_prints=True)
+def ablations(only: list[str] | None = None, dry_run: bool = False, variants_file: str = "ablations.yaml",
+              runs_dir: str = str(RUNS), out: str = "reports") -> dict[str, Any]:
+    """Run the planned experiments that have no copy yet, then write the report."""
+    from steps.core import tracking
+    from steps.core.config import load_params
+
+    logger = get_run_logger()
+    params = load_params()
+    variants = report_step.load_variants(variants_file, params)
+    unknown = sorted(set(only or []) - {v.name for v in variants})
+    if unknown:
+        raise ValueError(f"{variants_file}: no variant(s) {unknown}; known: {[v.name for v in variants]}")
+    chosen = [v for v in variants if not only or v.name in only]
+    runs = report_step.plan_runs(chosen, (params.get("base") or {}).get("seed", 0))
+    todo = [r for r in runs if not is_copied(r, Path(runs_dir))]
+    for r in runs:
+        logger.info("%-28s %s  %s", r.name, "to run " if r in todo else "copied ", " ".join(dvc_command(r)))
+    if dry_run:
+        return {}
+    if todo or SNAPSHOT.exists():
+        snapshot_workspace()
+        try:
+            with tracking.pipeline_run("ablations", {"variants": variants_file, "runs": [r.name for r in todo]}) as parent:
+                env = {"MLFLOW_PARENT_RUN_ID": parent} if parent else {}
+                for r in todo:
+                    run_experiment(r, Path(runs_dir), env)
+        finally:
+            restore_workspace(logger)
+    report_step.main(["--variants", variants_file, "--runs", runs_dir, "--out", out])
+    return read_json(Path(out) / "ablations.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants (the report covers all copies)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and the dvc commands, run nothing")
+    ap.add_argument("--variants", default="ablations.yaml")
+    args = ap.parse_args(argv)
+    try:
+        ablations(only=args.only, dry_run=args.dry_run, variants_file=args.variants)
+    except StageFailed as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""The ablation report's core on tiny synthetic run copies, and the variants file's checks."""
+import json
+import math
+
+import pytest
+
+from steps.ablations import (Variant, build_report, load_variants, markdown, pareto_front, plan_runs, read_run,
+                             write_report)
+from steps.core.io import InputError
+
+MODELS = ("teacher", "student_base", "rft", "rft_grpo")
+
+
+def row(correct, tokens):
+    return {"correctness": correct, "helpfulness": correct / 2, "em": correct, "f1": correct, "tokens_per_response": tokens,
+            "decode_tflops_per_response": tokens * 1e-9, "n": 4}
+
+
+def write_run(root, name, seed, overrides, settings, musique, log=None):
+    """A run copy: `musique` maps model -> (correctness, tokens); e-commerce mirrors it without EM/F1."""
+    d = root / name
+    d.mkdir(parents=True)
+    ecommerce = {m: {**row(*v), "em": None, "f1": None} for m, v in musique.items()}
+    (d / "summary.json").write_text(json.dumps({"datasets": {"ecommerce": ecommerce,
+                                                             "musique": {m: row(*v) for m, v in musique.items()}}}))
+    (d / "run.json").write_text(json.dumps({"name": name, "seed": seed, "overrides": overrides, "settings": settings}))
+    if log:
+        (d / "train_log.csv").write_text(log)
+    return d
+
+
+BASE = {"teacher": (0.6, 100.0), "student_base": (0.1, 130.0)}
+LOG = "step,reward,rewards/length/mean,completions/mean_length,kl\n1,1.0,0.2,80,\n5,1.5,0.6,50,\n"
+SEEDS = ("rft.seed", "grpo.seed")
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "default-s0", 0, {}, {}, {**BASE, "rft": (0.4, 90.0), "rft_grpo": (0.38, 40.0)}, LOG)
+    write_run(runs, "default-s1", 1, {}, {k: 1 for k in SEEDS}, {**BASE, "rft": (0.6, 70.0), "rft_grpo": (0.42, 44.0)}, LOG)
+    write_run(runs, "beta-s0", 0, {"grpo.beta": 0.1}, {"grpo.beta": 0.1},
+              {**BASE, "rft": (0.4, 90.0), "rft_grpo": (0.3, 60.0)}, LOG.replace("80,\n", "80,0.01\n"))
+    return runs
+
+
+VARIANTS = [Variant("rft_only", "rft", {}, (0, 1)), Variant("rft_grpo", "rft_grpo", {}, (0, 1)),
+            Variant("beta", "rft_grpo", {"grpo.beta": 0.1}, (0,)), Variant("unrun", "rft", {"judge.keep": "all"}, (0,))]
+
+
+def test_pareto_front_keeps_what_nothing_beats():
+    points = {"short_bad": (5, 0.1), "a": (10, 0.5), "dominated": (20, 0.4), "tie_longer": (12, 0.5), "long_best": (30, 0.6)}
+    assert pareto_front(points) == ["short_bad", "a", "long_best"]
+    assert pareto_front({}) == []
+
+
+def test_seed_mean_std_min_max_and_references(runs_dir):
+    report = build_report(VARIANTS, [read_run(d) for d in sorted(runs_dir.iterdir())])
+    rft = report["variants"]["rft_only"]
+    assert rft["n_seeds"] == 2 and rft["seeds"] == [0, 1] and rft["runs"] == ["default-s0", "default-s1"]
+    c = rft["datasets"]["musique"]["correctness"]
+    assert c["mean"] == pytest.approx(0.5) and c["std"] == pytest.approx(math.sqrt(0.02))
+    assert (c["min"], c["max"]) == (0.4, 0.6)
+    beta = report["variants"]["beta"]["datasets"]["musique"]
+    assert beta["tokens_per_response"] == {"mean": 60.0, "std": None, "min": 60.0, "max": 60.0}
+    assert report["variants"]["beta"]["overrides"] == {"grpo.beta": 0.1}
+    assert report["variants"]["rft_grpo"]["datasets"]["ecommerce"]["em"]["mean"] is None
+    assert report["references"]["teacher"]["runs"] == ["default-s0"]
+    assert report["datasets"] == ["musique", "ecommerce"]
+    assert report["missing"] == {"unrun": [0]} and "unrun" not in report["variants"]
+    # rft_only (80 tokens, 0.5) is beaten by nothing shorter; beta (60, 0.3) by rft_grpo (42, 0.4).
+    assert report["pareto_front"]["musique"] == ["rft_grpo", "rft_only"]
+    md = markdown(report)
+    assert md.index("## musique") < md.index("## ecommerce") and "| rft_only | rft | 2 | 50.0 ± 14.1 |" in md
+
+
+def test_missing_field_names_file_and_field(runs_dir):
+    summary = runs_dir / "beta-s0" / "summary.json"
+    data = json.loads(summary.read_text())
+    del data["datasets"]["musique"]["rft_grpo"]["decode_tflops_per_response"]
+    summary.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"beta-s0/summary.json: datasets.musique.rft_grpo: missing field "
+                                         r"'decode_tflops_per_response'"):
+        build_report(VARIANTS, [read_run(d) for d in sorted(runs_dir.iterdir())])
+    (runs_dir / "default-s1" / "run.json").write_text('{"name": "x"}')
+    with pytest.raises(InputError, match=r"default-s1/run.json: missing field 'seed'"):
+        read_run(runs_dir / "default-s1")
+
+
+def test_report_files_and_plots(runs_dir, tmp_path):
+    from matplotlib.image import imread
+
+    out = tmp_path / "reports"
+    write_report(VARIANTS, runs_dir, out)
+    assert json.loads((out / "ablations.json").read_text())["variants"]["rft_grpo"]["n_seeds"] == 2
+    for png in ("ablations_pareto.png", "grpo_curves.png"):
+        img = imread(out / "plots" / png)
+        assert img.shape[0] > 300 and img.shape[1] > 300 and img.std() > 0.01
+
+
+def test_plan_shares_runs_and_seeds_only_what_differs():
+    runs = plan_runs(VARIANTS, base_seed=0)
+    assert [r.name for r in runs] == ["default-s0", "default-s1", "beta-s0", "unrun-s0"]
+    assert runs[0].settings == {} and runs[1].settings == {"rft.seed": 1, "grpo.seed": 1}
+    assert plan_runs(VARIANTS[:1], base_seed=5)[0].settings == {"rft.seed": 0, "grpo.seed": 0}
+
+
+def test_variants_file_errors_name_the_variant_and_field(tmp_path):
+    p = tmp_path / "ablations.yaml"
+    params = {"grpo": {"beta": 0.0}, "judge": {"keep": "all"}}
+    p.write_text("variants:\n  a: {model: rft, overrides: {grpo.beta: 0.1}, seeds: [0, 1]}\n")
+    assert load_variants(p, params) == [Variant("a", "rft", {"grpo.beta": 0.1}, (0, 1))]
+    for text, message in [("b: {model: grpo}", r"variant 'b': field 'model' must be one of"),
+                          ("c: {model: rft, overrides: {grpo.betta: 0.1}}", r"variant 'c': override 'grpo.betta' is not"),
+                          ("d: {model: rft, seeds: []}", r"variant 'd': field 'seeds'"),
+                          ("e: {model: rft, overrides: {rft.seed: 3}}", r"variant 'e': override 'rft.seed' is set by"),
+                          ("f: {model: rft, runs: 2}", r"variant 'f': unknown key")]:
+        p.write_text(f"variants:\n  {text}\n")
+        with pytest.raises(InputError, match=message):
+            load_variants(p, params)
+
+
+def test_repository_variants_file_matches_params():
+    from steps.core.config import load_params
+    variants = {v.name: v for v in load_variants("ablations.yaml", load_params("params.yaml"))}
+    assert variants["rft_only"].seeds == variants["rft_grpo"].seeds == (0, 1)
+    assert variants["grpo_only"].overrides == {"grpo.init": "student_base"}
