@@ -47,7 +47,7 @@ ablations: install
 # where it cannot, the tests marked docker say why (skipped without root, failed with it).
 test: install install-vllm
 	infra/ensure_docker.sh || echo "no Docker engine: see the docker tests' reports"
-	PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q -ra tests
+	PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q -ra --durations=25 tests
 
 # The quick loop: skips tests marked slow.
 test-fast: install

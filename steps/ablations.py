@@ -271,6 +271,7 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from adjustText import adjust_text
 
     datasets = report["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 5), squeeze=False)
@@ -288,8 +289,13 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
             ax.errorbar(x, y, xerr=m["tokens_per_response"]["std"] or 0, yerr=100 * (m["correctness"]["std"] or 0),
                         fmt="o", capsize=3, zorder=2)
             labels.setdefault((round(x, 1), round(y, 1)), []).append(name)
-        for (x, y), names in labels.items():  # variants on the same spot share one label
-            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # Variants on the same spot share one label; adjustText moves labels off each other and off
+        # the points (neighbouring variants often sit a few tokens apart), with a leader line.
+        texts = [ax.text(x, y, ", ".join(names), fontsize=8) for (x, y), names in labels.items()]
+        if texts:
+            xs, ys = zip(*labels)
+            adjust_text(texts, x=list(xs), y=list(ys), ax=ax, expand=(1.2, 1.4),
+                        arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
         front = [report["variants"][n]["datasets"][ds] for n in report["pareto_front"][ds]]
         ax.plot([m["tokens_per_response"]["mean"] for m in front], [100 * m["correctness"]["mean"] for m in front],
                 "--", color="tab:red", alpha=0.6, label="Pareto front (variants)", zorder=1)
@@ -321,6 +327,7 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     columns = {k for rows in curves.values() for row in rows for k in row}
     panels = (["reward"] + sorted(c for c in columns if c.startswith("rewards/") and c.endswith("/mean"))
@@ -328,11 +335,15 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     ncols = 3
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.4 * nrows), squeeze=False)
+    # One colour per run across all panels: the colour cycle restarts per panel, and KL is logged
+    # only by runs with beta > 0, so cycling would give one run two colours.
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {label: cycle[i % len(cycle)] for i, label in enumerate(curves)}
     for ax, panel in zip(axes.flat, panels):
         for label, rows in curves.items():
             pts = [(r["step"], r[panel]) for r in rows if panel in r]
             if pts:
-                ax.plot(*zip(*pts), marker=".", label=label)
+                ax.plot(*zip(*pts), marker=".", label=label, color=colors[label])
         if not ax.lines:
             ax.text(0.5, 0.5, "not logged\n(KL needs grpo.beta > 0)" if panel == "kl" else "not logged",
                     ha="center", va="center", transform=ax.transAxes)
@@ -342,9 +353,8 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     spare = list(axes.flat)[len(panels):]
     for ax in spare:
         ax.axis("off")
-    handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
-    (spare[0] if spare else axes.flat[0]).legend(handles.values(), handles.keys(), loc="center", fontsize=9,
-                                                  title="run (variant)")
+    handles = [Line2D([], [], color=c, marker=".", label=label) for label, c in colors.items()]
+    (spare[0] if spare else axes.flat[0]).legend(handles=handles, loc="center", fontsize=9, title="run (variant)")
     fig.tight_layout()
     _save(fig, path)
 

@@ -67,3 +67,21 @@ def test_history_strings_are_accepted_and_bad_roles_named():
     with pytest.raises(InputError, match="line 1: field 'dialogue_history\\[0\\]'"):
         parse_ecommerce([(1, dict(row, dialogue_history=["bot: hi"]))], "f")
     assert examples(2, 2)
+
+
+def test_atomic_outputs_get_the_mode_of_a_plain_open(tmp_path):
+    """Outputs are renamed from a mkstemp file (0600); they must end with the umask's mode so
+    that a team's shared volume or a container running as another user can read them."""
+    import os
+
+    from steps.core.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "out.json", {"a": 1})
+        plain = tmp_path / "plain.json"
+        plain.write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left

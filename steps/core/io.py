@@ -10,6 +10,18 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates its file 0600; an output renamed from it would be unreadable to the rest of a
+# team (a shared data volume, a container running as another user), so it gets the mode a plain
+# open() would have given it.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 class InputError(ValueError):
     """Bad input data; the message names the file, the line (1-based) and the field."""
 
@@ -24,6 +36,7 @@ def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
