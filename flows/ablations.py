@@ -79,7 +79,7 @@ def snapshot_workspace() -> None:
     first and keep it."""
     manifest = SNAPSHOT / "manifest.json"
     if manifest.exists():
-        restore_files()
+        reattach_branch(restore_files())  # a mismatch is reported when the flow ends
         return
     shutil.rmtree(SNAPSHOT, ignore_errors=True)
     paths = workspace_files()
@@ -87,10 +87,32 @@ def snapshot_workspace() -> None:
         if p.exists():
             _copy(p, SNAPSHOT / p)
     # Written last: only a complete snapshot is ever restored.
-    write_json(manifest, {"paths": [str(p) for p in paths], "saved": [str(p) for p in paths if p.exists()]})
+    write_json(manifest, {"paths": [str(p) for p in paths], "saved": [str(p) for p in paths if p.exists()],
+                          "git_branch": _git("symbolic-ref", "-q", "--short", "HEAD"), "git_head": _git("rev-parse", "HEAD")})
 
 
-def restore_files(only: tuple[str, ...] | None = None) -> None:
+def _git(*args: str) -> str | None:
+    proc = subprocess.run(["git", *args], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def reattach_branch(manifest: dict[str, Any]) -> str | None:
+    """`dvc exp run` detaches HEAD for the length of a run and re-attaches it when the run ends;
+    a killed run leaves it detached, and the next commit would land on no branch. Put HEAD back on
+    the branch it was on when the flow started, if HEAD is still at that branch's commit.
+    Returns a warning when it cannot."""
+    branch, head = manifest.get("git_branch"), manifest.get("git_head")
+    if not branch or _git("symbolic-ref", "-q", "HEAD"):
+        return None  # started detached, or HEAD is on a branch
+    current, tip = _git("rev-parse", "HEAD"), _git("rev-parse", f"refs/heads/{branch}")
+    if current != head or tip != head:
+        return (f"HEAD is detached at {current}; the flow started on branch {branch!r} at {head}, which is now "
+                f"at {tip}: check out the branch you want by hand")
+    _git("symbolic-ref", "-m", "ablations: re-attach HEAD after a killed dvc exp run", "HEAD", f"refs/heads/{branch}")
+    return None
+
+
+def restore_files(only: tuple[str, ...] | None = None) -> dict[str, Any]:
     manifest = read_json(SNAPSHOT / "manifest.json")
     for p in map(Path, manifest["paths"]):
         if only and str(p) not in only:
@@ -101,11 +123,15 @@ def restore_files(only: tuple[str, ...] | None = None) -> None:
             shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)
+    return manifest
 
 
 def restore_workspace(logger: Any) -> None:
-    """The workspace as it was: the snapshot, then the cached data that dvc.lock names."""
-    restore_files()
+    """The workspace as it was: the branch, the snapshot, then the cached data that dvc.lock names."""
+    manifest = restore_files()
+    warning = reattach_branch(manifest)
+    if warning:
+        logger.warning(warning)
     proc = subprocess.run(["dvc", "checkout", "--force"], capture_output=True, text=True)
     if proc.returncode != 0:
         logger.warning("dvc checkout after the ablations failed; run it by hand:\n%s", proc.stderr[-2000:])

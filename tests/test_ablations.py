@@ -1,6 +1,7 @@
 """The ablation report's core on tiny synthetic run copies, and the variants file's checks."""
 import json
 import math
+import subprocess
 
 import pytest
 
@@ -125,3 +126,31 @@ def test_repository_variants_file_matches_params():
     variants = {v.name: v for v in load_variants("ablations.yaml", load_params("params.yaml"))}
     assert variants["rft_only"].seeds == variants["rft_grpo"].seeds == (0, 1)
     assert variants["grpo_only"].overrides == {"grpo.init": "student_base"}
+
+
+def _git(cwd, *args):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_killed_dvc_exp_run_leaves_head_detached_and_the_flow_reattaches_it(tmp_path, monkeypatch):
+    from flows.ablations import reattach_branch
+
+    _git(tmp_path, "init", "-q", "-b", "main")
+    (tmp_path / "a").write_text("a")
+    _git(tmp_path, "add", "a")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    monkeypatch.chdir(tmp_path)
+    manifest = {"git_branch": "main", "git_head": _git(tmp_path, "rev-parse", "HEAD")}
+    _git(tmp_path, "checkout", "-q", "--detach")  # what dvc exp run does for the length of a run
+    assert reattach_branch(manifest) is None
+    assert _git(tmp_path, "symbolic-ref", "--short", "HEAD") == "main"
+    assert reattach_branch(manifest) is None  # on the branch: nothing to do
+
+    # The branch moved since the flow started: leave HEAD alone and say so.
+    _git(tmp_path, "checkout", "-q", "--detach")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "b")
+    _git(tmp_path, "branch", "-f", "main", "HEAD")
+    _git(tmp_path, "checkout", "-q", "--detach", "HEAD~1")
+    warning = reattach_branch(manifest)
+    assert warning and "'main'" in warning
+    assert subprocess.run(["git", "symbolic-ref", "-q", "HEAD"], cwd=tmp_path).returncode == 1
