@@ -45,9 +45,17 @@ ablations: install
 # Everything CI must prove, slow tests (real servers, real vLLM, the whole DVC pipeline, the pipeline
 # in Docker containers) included. ensure_docker.sh installs and starts a Docker engine (as root);
 # where it cannot, the tests marked docker say why (skipped without root, failed with it).
+# The images take ~9 minutes to build from nothing, so they build in the background while the
+# other tests run; the docker tests run last (tests/conftest.py) and wait for that build through
+# build_images.sh's lock, which then finds every layer cached. Its log: .cache/build_images.log.
 test: install install-vllm
 	infra/ensure_docker.sh || echo "no Docker engine: see the docker tests' reports"
-	PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q -ra --durations=25 tests
+	mkdir -p .cache; \
+	if [ "$$(id -u)" = 0 ] && docker info >/dev/null 2>&1; then \
+	  TAG=$${LIVETHINKING_IMAGE_TAG:-dev} PYTHON=$(CURDIR)/$(PY) infra/build_images.sh light train vllm \
+	    > .cache/build_images.log 2>&1 & \
+	fi; \
+	PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q -ra --durations=25 tests; rc=$$?; wait; exit $$rc
 
 # The quick loop: skips tests marked slow.
 test-fast: install

@@ -24,6 +24,14 @@ for family in "${families[@]}"; do
 done
 
 docker info >/dev/null 2>&1 || { echo "no Docker engine: run infra/ensure_docker.sh" >&2; exit 1; }
+# One build at a time: `make test` starts one in the background and the docker tests start
+# another, which waits here and then finds every layer in Docker's cache.
+mkdir -p .cache
+exec 9>.cache/build_images.lock
+if ! flock -n 9; then
+  echo "another infra/build_images.sh is running; waiting for it"
+  flock 9
+fi
 if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
   t0=$SECONDS
   infra/make_base_image.sh "$BASE_IMAGE"

@@ -16,6 +16,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "docker: needs a Docker engine (`make test` starts one: infra/ensure_docker.sh)")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Docker tests last: `make test` builds their images in the background meanwhile."""
+    items.sort(key=lambda item: item.get_closest_marker("docker") is not None)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The real public data samples; skipped cleanly in a clone without ../shared."""
