@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real servers, whole pipelines, training runs (CI runs them)")
     config.addinivalue_line("markers", "docker: needs a Docker engine (`make test` starts one: infra/ensure_docker.sh)")
+
+
+IMAGE_TAG = os.environ.get("LIVETHINKING_IMAGE_TAG", "dev")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,3 +63,34 @@ def serve():
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """A Docker client; infra/ensure_docker.sh installs and starts the engine where it can (root)."""
+    docker = pytest.importorskip("docker")
+    proc = subprocess.run([str(ROOT / "infra" / "ensure_docker.sh")], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        if os.geteuid() != 0:
+            pytest.skip(f"no Docker engine, and only root can provide one: {proc.stderr.strip()}")
+        pytest.fail(f"infra/ensure_docker.sh could not provide a Docker engine:\n{proc.stdout}{proc.stderr}")
+    return docker.from_env()
+
+
+@pytest.fixture(scope="session")
+def images(engine, tmp_path_factory):
+    """livethinking/{light,train,vllm}:TAG, built from the working tree (or waited for, when
+    `make test` is building them in the background: build_images.sh takes a lock)."""
+    from flows.docker_runner import FAMILIES
+
+    if os.geteuid() != 0 and not engine.images.list(name="livethinking/debian-base"):
+        pytest.skip("the Debian base image is built with debootstrap, which needs root (infra/make_base_image.sh)")
+    log = tmp_path_factory.mktemp("build") / "build.log"
+    with log.open("w") as f:
+        proc = subprocess.run([str(ROOT / "infra" / "build_images.sh"), *FAMILIES], cwd=ROOT,
+                              env={**os.environ, "TAG": IMAGE_TAG, "PYTHON": sys.executable},
+                              stdout=f, stderr=subprocess.STDOUT, timeout=3600)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-5000:]
+    print("\n".join(line for line in text.splitlines() if " built in " in line))
+    return {family: f"livethinking/{family}:{IMAGE_TAG}" for family in FAMILIES}

@@ -45,45 +45,17 @@ import httpx
 import pytest
 import yaml
 
-from flows.docker_runner import FAMILIES, family_of
+from flows.docker_runner import family_of
 from steps.core import storage
 from tests.helpers import ROOT, add_s3_remote, clone_and_pull, dvc_outputs, free_port, pipeline_workspace, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
-TAG = os.environ.get("LIVETHINKING_IMAGE_TAG", "dev")
 MODEL = "livethinking-student"
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 GATES = {"correctness": {"better": "higher", "tolerance": 0.01},
          "tokens_per_response": {"better": "lower", "tolerance": 0.0},
          "decode_tflops_per_response": {"better": "lower", "tolerance": 0.0}}
-
-
-@pytest.fixture(scope="module")
-def engine():
-    docker = pytest.importorskip("docker")
-    proc = subprocess.run([str(ROOT / "infra" / "ensure_docker.sh")], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        if os.geteuid() != 0:
-            pytest.skip(f"no Docker engine, and only root can provide one: {proc.stderr.strip()}")
-        pytest.fail(f"infra/ensure_docker.sh could not provide a Docker engine:\n{proc.stdout}{proc.stderr}")
-    return docker.from_env()
-
-
-@pytest.fixture(scope="module")
-def images(engine, tmp_path_factory):
-    """livethinking/{light,train,vllm}:TAG, built from the working tree."""
-    if os.geteuid() != 0 and not engine.images.list(name="livethinking/debian-base"):
-        pytest.skip("the Debian base image is built with debootstrap, which needs root (infra/make_base_image.sh)")
-    log = tmp_path_factory.mktemp("build") / "build.log"
-    with log.open("w") as f:
-        proc = subprocess.run([str(ROOT / "infra" / "build_images.sh"), *FAMILIES], cwd=ROOT,
-                              env={**os.environ, "TAG": TAG, "PYTHON": sys.executable},
-                              stdout=f, stderr=subprocess.STDOUT, timeout=3600)
-    text = log.read_text()
-    assert proc.returncode == 0, text[-5000:]
-    print("\n".join(line for line in text.splitlines() if " built in " in line))
-    return {family: f"livethinking/{family}:{TAG}" for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""flows.docker_runner: the pure helpers without a daemon; a real container run when a Docker
-engine and the light image (containers/Dockerfile.light) are present."""
+"""flows.docker_runner: the pure helpers without a daemon; a real container run in the light
+image (built by the `images` fixture, tests/conftest.py)."""
 from __future__ import annotations
 
 import json
@@ -70,24 +70,10 @@ def test_line_splitter():
     assert got == ["first line", "progress 100%", "last \u2713"]
 
 
-def _docker_or_skip(image: str):
-    docker = pytest.importorskip("docker")
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception:
-        pytest.skip("no Docker engine here (apt-get install docker.io; dockerd &)")
-    try:
-        client.images.get(image)
-    except docker.errors.ImageNotFound:
-        pytest.skip(f"{image} not built (docker build -f containers/Dockerfile.light -t {image} .)")
-    return client
-
-
 @pytest.mark.slow
-def test_stage_runs_in_its_container_and_failures_carry_the_log(tmp_path):
-    image = os.environ.get("LIVETHINKING_LIGHT_IMAGE", "livethinking/light:dev")
-    client = _docker_or_skip(image)
+@pytest.mark.docker
+def test_stage_runs_in_its_container_and_failures_carry_the_log(tmp_path, engine, images):
+    image, client = images["light"], engine
     ws = tmp_path / "ws"
     shutil.copytree(ROOT / "steps", ws / "steps", ignore=shutil.ignore_patterns("__pycache__"))
     for f in ("dvc.yaml", "params.yaml"):
