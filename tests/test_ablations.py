@@ -124,7 +124,8 @@ def test_variants_file_errors_name_the_variant_and_field(tmp_path):
 def test_repository_variants_file_matches_params():
     from steps.core.config import load_params
     variants = {v.name: v for v in load_variants("ablations.yaml", load_params("params.yaml"))}
-    assert variants["rft_only"].seeds == variants["rft_grpo"].seeds == (0, 1)
+    # Both rows come from the same runs, and the report needs at least two seeds for them.
+    assert variants["rft_only"].seeds == variants["rft_grpo"].seeds and len(variants["rft_grpo"].seeds) >= 2
     assert variants["grpo_only"].overrides == {"grpo.init": "student_base"}
 
 
