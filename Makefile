@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-vllm run ablations test test-fast lint clean
+.PHONY: install install-vllm run ablations test test-fast clean
 
 install: $(VENV)/.installed
 

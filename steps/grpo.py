@@ -24,7 +24,7 @@ from typing import Any, Literal
 from steps.core import training
 from steps.core.backends import SamplingParams, TransformersBackend
 from steps.core.config import help_field, load_config
-from steps.core.io import read_json, write_json, write_jsonl
+from steps.core.io import read_json, write_json, write_jsonl, write_train_log
 from steps.core.rewards import REWARDS, make_rewards
 from steps.core.schemas import EXAMPLES, read_validated
 
@@ -119,7 +119,6 @@ def train_grpo(cfg: GrpoConfig, rows: list[dict[str, Any]], policy: str, out_dir
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from steps import rft
     from steps.core import modeling, tracking
     from steps.core.lineage import write_meta
 
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     modeling.save_profile(AutoModelForCausalLM.from_pretrained(out / "model"), out / "model")
     write_meta(out / "model", "grpo", cfg, parent=policy, metrics=result["metrics"])
     write_json(out / "metrics.json", result["metrics"])
-    rft.write_log(out / "train_log.csv", result["history"])
+    write_train_log(out / "train_log.csv", result["history"])
     tracking.log_stage("grpo", cfg, metrics={k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
                        history=result["history"])
     print(f"grpo: {result['metrics']}")

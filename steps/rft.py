@@ -12,14 +12,13 @@ models, where the term does not exist).
 from __future__ import annotations
 
 import argparse
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from steps.core import training
 from steps.core.config import help_field, load_config
-from steps.core.io import InputError, read_json, write_json
+from steps.core.io import InputError, read_json, write_json, write_train_log
 from steps.core.schemas import EXAMPLES, JUDGED, read_validated
 
 
@@ -84,16 +83,6 @@ def train_sft(cfg: RftConfig, rows: list[dict[str, str]], base_model: str, out_d
     return {"history": history, "metrics": metrics}
 
 
-def write_log(path: Path, history: list[dict[str, Any]]) -> None:
-    from steps.core.io import atomic_path
-
-    keys = sorted({k for h in history for k in h if k != "step"})
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", *keys])
-        w.writeheader()
-        w.writerows(history)
-
-
 def main(argv: list[str] | None = None) -> None:
     from steps.core import modeling, tracking
     from steps.core.lineage import write_meta
@@ -117,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     modeling.save_profile(AutoModelForCausalLM.from_pretrained(out / "model"), out / "model")
     write_meta(out / "model", "rft", cfg, parent=base, metrics=result["metrics"])
     write_json(out / "metrics.json", result["metrics"])
-    write_log(out / "train_log.csv", result["history"])
+    write_train_log(out / "train_log.csv", result["history"])
     tracking.log_stage("rft", cfg, metrics={k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
                        history=result["history"])
     print(f"rft: {result['metrics']}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import tempfile
@@ -138,3 +139,13 @@ class ShardWriter:
             self._next += 1
         write_jsonl(self.dir / f"part-{self._next:06d}.jsonl", rows)
         self._next += 1
+
+
+def write_train_log(path: Path | str, history: list[dict[str, Any]]) -> None:
+    """A trainer's per-step log as CSV, `step` first, one column per key any step logged (the
+    DVC plots and the ablation report read it)."""
+    keys = sorted({k for h in history for k in h if k != "step"})
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", *keys])
+        w.writeheader()
+        w.writerows(history)
