@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,17 +9,13 @@ import pytest
 
 from steps.core.storage import (MANIFEST, ChecksumMismatch, StorageError, TransferSettings, client, download_dir,
                                 endpoint_url, parse_s3_uri, upload_dir)
+from tests.helpers import free_port, moto_s3
+
 
 MiB = 1 << 20
 # Small parts so that a 6 MiB file really goes up in two parts (S3's floor is 5 MiB).
 SMALL_PARTS = TransferSettings(multipart_threshold_bytes=5 * MiB, multipart_chunksize_bytes=5 * MiB,
                                max_concurrency=2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_parse_uri_and_endpoint():
@@ -39,41 +32,12 @@ def test_parse_uri_and_endpoint():
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server process for this module; yields a client with a bucket `bundles`."""
-    port = free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    saved = {k: os.environ.get(k) for k in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION")}
-    os.environ.update({"S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start (exit {proc.poll()}); see {log.name}") from None
-                time.sleep(0.2)
+    with moto_s3(tmp_path_factory.mktemp("moto")) as env, pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
         c = client(SMALL_PARTS)
         c.create_bucket(Bucket="bundles")
         yield c
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
