@@ -190,8 +190,7 @@ def ablations(only: list[str] | None = None, dry_run: bool = False, variants_fil
                     run_experiment(r, Path(runs_dir), env)
         finally:
             restore_workspace(logger)
-    report_step.main(["--variants", variants_file, "--runs", runs_dir, "--out", out])
-    return read_json(Path(out) / "ablations.json")
+    return report_step.main(["--variants", variants_file, "--runs", runs_dir, "--out", out])
 
 
 def main(argv: list[str] | None = None) -> int:

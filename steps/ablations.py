@@ -372,7 +372,7 @@ def write_report(variants: list[Variant], runs_dir: Path, out: Path) -> dict[str
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     from steps.core import tracking
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
                        artifacts=[out / "ablations.json", out / "ablations.md", out / "plots" / "ablations_pareto.png",
                                   out / "plots" / "grpo_curves.png"])
     print(markdown(report))
+    return report
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 from steps.ablations import (Variant, build_report, load_variants, markdown, pareto_front, plan_runs, read_run,
                              write_report)
 from steps.core.io import InputError
+from tests.helpers import GIT
 
 MODELS = ("teacher", "student_base", "rft", "rft_grpo")
 
@@ -130,7 +131,7 @@ def test_repository_variants_file_matches_params():
 
 
 def _git(cwd, *args):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run([*GIT, *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def test_a_killed_dvc_exp_run_leaves_head_detached_and_the_flow_reattaches_it(tmp_path, monkeypatch):
@@ -139,7 +140,7 @@ def test_a_killed_dvc_exp_run_leaves_head_detached_and_the_flow_reattaches_it(tm
     _git(tmp_path, "init", "-q", "-b", "main")
     (tmp_path / "a").write_text("a")
     _git(tmp_path, "add", "a")
-    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    _git(tmp_path, "commit", "-qm", "a")
     monkeypatch.chdir(tmp_path)
     manifest = {"git_branch": "main", "git_head": _git(tmp_path, "rev-parse", "HEAD")}
     _git(tmp_path, "checkout", "-q", "--detach")  # what dvc exp run does for the length of a run
@@ -149,7 +150,7 @@ def test_a_killed_dvc_exp_run_leaves_head_detached_and_the_flow_reattaches_it(tm
 
     # The branch moved since the flow started: leave HEAD alone and say so.
     _git(tmp_path, "checkout", "-q", "--detach")
-    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "b")
+    _git(tmp_path, "commit", "-q", "--allow-empty", "-m", "b")
     _git(tmp_path, "branch", "-f", "main", "HEAD")
     _git(tmp_path, "checkout", "-q", "--detach", "HEAD~1")
     warning = reattach_branch(manifest)
