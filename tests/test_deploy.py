@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from flows.deploy import DeploySpec, spec_for
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -40,12 +40,6 @@ def test_specs():
         DeploySpec(cron="nightly")
     with pytest.raises(ValueError, match="needs an image"):
         DeploySpec(pool_type="docker")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

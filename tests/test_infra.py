@@ -3,12 +3,13 @@ the MLflow server and find it in the S3 bucket, then stop everything."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "infra" / "local_services.sh"
@@ -25,12 +26,6 @@ import httpx
 assert httpx.get(os.environ["PREFECT_API_URL"] + "/health").status_code == 200
 print("probe ok")
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env_file(path: Path) -> dict[str, str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,8 @@ import pytest
 import yaml
 
 from steps.core.io import read_jsonl
-from tests.helpers import ROOT, byte_level_tokenizer, check_pipeline_outputs, dvc, examples, pipeline_workspace
+from tests.helpers import (ROOT, byte_level_tokenizer, check_pipeline_outputs, dvc, examples, free_port,
+                           pipeline_workspace)
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 SERVED = "tiny-served"
@@ -65,18 +65,12 @@ def served_model(path: Path) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`vllm.entrypoints.openai.api_server` on a free port; stopped (with its engine) at teardown."""
     root = tmp_path_factory.mktemp("vllm_server")
     model = served_model(root / "model")
-    port = _free_port()
+    port = free_port()
     log = (root / "server.log").open("w")
     cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", SERVED, "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
