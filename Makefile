@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-vllm run ablations test test-fast clean
+.PHONY: install install-vllm run serve ablations compare test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -36,11 +36,22 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt constraints-vllm.txt
 run: install
 	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.pipeline
 
+# The registry's champion under vLLM's OpenAI-compatible server (flows/serve.py: download,
+# checksum check, CPU flags without a GPU), until Ctrl-C. ARGS="--port 8001", "--version 3", ...
+serve: install install-vllm
+	$(PY) -m flows.serve $(ARGS)
+
 # The variants of ablations.yaml as DVC experiments in this workspace (`dvc exp run -S ...`), then
 # reports/ablations.{json,md} and reports/plots/{ablations_pareto,grpo_curves}.png. Runs already
 # copied to reports/ablations/runs are skipped; ARGS="--only rft_grpo grpo_only" or "--dry-run".
 ablations: install
 	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.ablations $(ARGS)
+
+# Every method of the model registry (params.yaml `models`) on the embedded default with its seeds,
+# as DVC experiments, then reports/methods.{json,md} and reports/plots/methods_pareto.png.
+# Seeds already copied to reports/compare/runs are skipped; ARGS="--dry-run" prints the plan.
+compare: install
+	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.compare $(ARGS)
 
 # Everything CI must prove, slow tests (real servers, real vLLM, the whole DVC pipeline, the pipeline
 # in Docker containers) included. ensure_docker.sh installs and starts a Docker engine (as root);

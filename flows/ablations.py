@@ -1,12 +1,12 @@
 """Ablations as DVC experiments, then their report.
 
 Every distinct (overrides, seed) of ablations.yaml is one `dvc exp run -n <run> -S key=value ...
-evaluate` in this workspace, one after the other, so that all of them share its DVC cache, the
-run cache (a stage whose inputs a previous run already saw is restored, not re-run) and the
-evaluation cache (.cache/evaluate: the teacher and the student base are generated once). The
-experiments stop at evaluate: export and promote would register every variant in the model
-registry. Right after a run, its reports/summary.json and data/grpo/train_log.csv are copied
-to reports/ablations/runs/<run>/ with a run.json; a run whose copy exists with the same
+report` in this workspace, one after the other, so that all of them share its DVC cache and run
+cache: a stage whose inputs a previous run already saw is restored, not re-run (the teacher's and
+the student base's evaluations are made once). The experiments stop at the report: export and
+promote would register every variant in the model registry. Right after a run, its
+reports/summary.json and the RL stages' data/<stage>/train_log.csv are copied to
+reports/ablations/runs/<run>/ with a run.json; a run whose copy exists with the same
 settings is skipped, so an interrupted flow resumes. At the end the workspace is put back as it
 was, also when a run fails or the flow is killed (the next start restores first): params.yaml,
 dvc.lock and the outputs DVC does not cache from a snapshot, the rest by `dvc checkout`.
@@ -43,7 +43,7 @@ def dvc_command(run: report_step.Run) -> list[str]:
     cmd = ["dvc", "exp", "run", "-n", run.name]
     for key, value in run.settings.items():
         cmd += ["-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
-    return cmd + ["evaluate"]
+    return cmd + ["report"]
 
 
 def is_copied(run: report_step.Run, runs_dir: Path) -> bool:
@@ -152,8 +152,11 @@ def run_experiment(run: report_step.Run, runs_dir: Path, env: dict[str, str]) ->
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     shutil.copy2("reports/summary.json", dest / "summary.json")
+    # grpo's log is the one the ablation report plots (train_log.csv); every RL stage's is kept.
     if Path("data/grpo/train_log.csv").exists():
         shutil.copy2("data/grpo/train_log.csv", dest / "train_log.csv")
+    for log in Path("data").glob("*/train_log.csv"):
+        shutil.copy2(log, dest / f"{log.parent.name}_train_log.csv")
     # Written last: a copy without run.json is unfinished and is run again.
     write_json(dest / "run.json", {"name": run.name, "seed": run.seed, "overrides": run.overrides,
                                    "settings": run.settings, "command": dvc_command(run),
@@ -165,32 +168,43 @@ def run_experiment(run: report_step.Run, runs_dir: Path, env: dict[str, str]) ->
 def ablations(only: list[str] | None = None, dry_run: bool = False, variants_file: str = "ablations.yaml",
               runs_dir: str = str(RUNS), out: str = "reports") -> dict[str, Any]:
     """Run the planned experiments that have no copy yet, then write the report."""
-    from steps.core import tracking
     from steps.core.config import load_params
 
     logger = get_run_logger()
     params = load_params()
-    variants = report_step.load_variants(variants_file, params)
+    from steps.core.registry import load_registry
+
+    rows = load_registry(params=params)
+    variants = report_step.load_variants(variants_file, params, rows=rows)
     unknown = sorted(set(only or []) - {v.name for v in variants})
     if unknown:
         raise ValueError(f"{variants_file}: no variant(s) {unknown}; known: {[v.name for v in variants]}")
     chosen = [v for v in variants if not only or v.name in only]
-    runs = report_step.plan_runs(chosen, (params.get("base") or {}).get("seed", 0))
+    runs = report_step.plan_runs(chosen, (params.get("base") or {}).get("seed", 0), report_step.seed_keys(rows))
     todo = [r for r in runs if not is_copied(r, Path(runs_dir))]
     for r in runs:
         logger.info("%-28s %s  %s", r.name, "to run " if r in todo else "copied ", " ".join(dvc_command(r)))
     if dry_run:
         return {}
-    if todo or SNAPSHOT.exists():
-        snapshot_workspace()
-        try:
-            with tracking.pipeline_run("ablations", {"variants": variants_file, "runs": [r.name for r in todo]}) as parent:
-                env = {"MLFLOW_PARENT_RUN_ID": parent} if parent else {}
-                for r in todo:
-                    run_experiment(r, Path(runs_dir), env)
-        finally:
-            restore_workspace(logger)
+    run_all("ablations", todo, Path(runs_dir), logger)
     return report_step.main(["--variants", variants_file, "--runs", runs_dir, "--out", out])
+
+
+def run_all(name: str, todo: list[report_step.Run], runs_dir: Path, logger: Any) -> None:
+    """The runs one after the other under one MLflow parent run, the workspace put back after
+    (also after a failure; a killed flow's snapshot is restored at the next start)."""
+    from steps.core import tracking
+
+    if not todo and not SNAPSHOT.exists():
+        return
+    snapshot_workspace()
+    try:
+        with tracking.pipeline_run(name, {"runs": [r.name for r in todo]}) as parent:
+            env = {"MLFLOW_PARENT_RUN_ID": parent} if parent else {}
+            for r in todo:
+                run_experiment(r, runs_dir, env)
+    finally:
+        restore_workspace(logger)
 
 
 def main(argv: list[str] | None = None) -> int:

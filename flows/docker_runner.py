@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-FAMILIES = {"light": ("ingest", "judge", "evaluate", "export", "promote"),
+# Stages not named here run in the train image, which holds everything steps/ needs but vLLM:
+# a new method's training stage runs there without an edit here.
+FAMILIES = {"light": ("ingest", "judge", "evaluate", "report", "export", "promote"),
             "train": ("pretrain_demo", "rft", "grpo"),
             "vllm": ("sample",)}
+DEFAULT_FAMILY = "train"
 DEFAULT_IMAGES = {"light": "livethinking/light:latest", "train": "livethinking/train:latest",
                   "vllm": "livethinking/vllm:latest"}
 # Passed from the caller's environment into every stage container: tracking, storage, the
@@ -72,11 +74,9 @@ class DockerRunnerConfig:
 
 
 def family_of(stage: str) -> str:
-    for family, stages in FAMILIES.items():
-        if stage in stages:
-            return family
-    raise ValueError(f"stage {stage!r} has no image family; known stages: "
-                     f"{sorted(s for ss in FAMILIES.values() for s in ss)}")
+    """The image family of a stage (`evaluate@rft` is an `evaluate` stage)."""
+    base = stage.split("@", 1)[0]
+    return next((family for family, stages in FAMILIES.items() if base in stages), DEFAULT_FAMILY)
 
 
 def image_for(stage: str, images: dict[str, str]) -> str:
@@ -86,19 +86,33 @@ def image_for(stage: str, images: dict[str, str]) -> str:
 def stage_command(stage: str, dvc_yaml: str | Path) -> list[str]:
     """The stage's dvc.yaml cmd as the container command: the words after `python -m`
     (the images' ENTRYPOINT is ["python", "-m"])."""
-    dvc_yaml = Path(dvc_yaml)
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
-    if stage not in stages:
-        raise ValueError(f"{dvc_yaml}: no stage {stage!r}; have {list(stages)}")
-    cmd = stages[stage].get("cmd")
+    cmd = resolved_stages(Path(dvc_yaml)).get(stage, KeyError)
+    if cmd is KeyError:
+        raise ValueError(f"{dvc_yaml}: no stage {stage!r}; have {list(resolved_stages(Path(dvc_yaml)))}")
     if isinstance(cmd, list):
         if len(cmd) != 1:
             raise ValueError(f"{dvc_yaml}: stages.{stage}.cmd: a container runs one command, got {len(cmd)}")
         cmd = cmd[0]
     words = shlex.split(str(cmd or ""))
-    if words[:3] != ["python", "-m", f"steps.{stage}"]:
-        raise ValueError(f"{dvc_yaml}: stages.{stage}.cmd must start with `python -m steps.{stage}`, got {cmd!r}")
+    module = f"steps.{stage.split('@', 1)[0]}"
+    if words[:3] != ["python", "-m", module]:
+        raise ValueError(f"{dvc_yaml}: stages.{stage}.cmd must start with `python -m {module}`, got {cmd!r}")
     return words[2:]
+
+
+def resolved_stages(dvc_yaml: Path) -> dict[str, Any]:
+    """Stage name -> cmd, as DVC resolves them: `foreach` stages expanded (evaluate@teacher, ...)
+    and `${...}` filled from params.yaml beside dvc.yaml."""
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    repo = Repo(str(dvc_yaml.parent), uninitialized=True)
+    try:
+        stages = repo.index.stages
+        return {s.name: s.cmd for s in stages if isinstance(s, PipelineStage)
+                and Path(s.path).resolve() == dvc_yaml.resolve()}
+    finally:
+        repo.close()
 
 
 def container_env(environ: dict[str, str], extra: dict[str, str] | None = None,

@@ -22,19 +22,18 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
-
-STAGES = ("ingest", "pretrain_demo", "sample", "judge", "rft", "grpo", "evaluate", "export")
-
 
 class StageFailed(RuntimeError):
     pass
 
 
 def stage_names(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
-    """Stages in dvc.yaml order (the file is the single source of truth)."""
-    return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
+    """Stages in dvc.yaml order (the file is the single source of truth), `foreach` stages
+    expanded as DVC names them (evaluate@teacher, evaluate@rft, ...): one task each."""
+    from flows.docker_runner import resolved_stages
+
+    return list(resolved_stages(dvc_yaml))
 
 
 def _stream(cmd: list[str], env: dict[str, str], stage: str, logger: Any) -> None:
@@ -91,7 +90,10 @@ def pipeline(stages: list[str] | None = None, force: bool = False) -> dict[str, 
     from steps.core.config import load_params
     from steps.core.io import read_json
 
-    todo = stages or stage_names()
+    from steps.core.registry import load_registry, side_stages
+
+    # The main job: the sibling methods' rows (main: false) are `dvc repro`'s and `make compare`'s.
+    todo = stages or [s for s in stage_names() if s not in side_stages(load_registry())]
     params = load_params()
     runner = params.get("runner") or {"kind": "local"}
     if runner.get("kind", "local") not in ("local", "docker"):

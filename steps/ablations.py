@@ -31,9 +31,18 @@ from steps.core.io import InputError, atomic_path, read_json, write_json, write_
 
 METRICS = ("correctness", "helpfulness", "em", "f1", "tokens_per_response", "decode_tflops_per_response")
 NULLABLE = ("em", "f1")  # e-commerce has no short gold answer
-ROWS = ("rft", "rft_grpo")
-REFERENCES = ("teacher", "student_base")
-SEED_KEYS = ("rft.seed", "grpo.seed")
+# Reported too when a summary row has them: inserted tokens and each protocol's own numbers.
+OPTIONAL_PREFIXES = ("external_tokens_per_response", "extras/")
+
+
+def references(rows: dict[str, Any]) -> tuple[str, ...]:
+    """The registry's fixed rows (teacher, student base): the same in every run, reported once."""
+    return tuple(n for n, r in rows.items() if r.fixed)
+
+
+def seed_keys(rows: dict[str, Any]) -> tuple[str, ...]:
+    """`<stage>.seed` of every trained row's stage: a run at seed s sets them all."""
+    return tuple(sorted({f"{r.stage}.seed" for r in rows.values() if not r.fixed}))
 
 
 @dataclass(frozen=True)
@@ -61,10 +70,17 @@ def _lookup(params: dict[str, Any], dotted: str) -> bool:
     return True
 
 
-def load_variants(path: Path | str, params: dict[str, Any] | None = None) -> list[Variant]:
+def load_variants(path: Path | str, params: dict[str, Any] | None = None, rows: dict[str, Any] | None = None,
+                  ) -> list[Variant]:
     """Parse ablations.yaml; with `params`, every override must name an existing key (a typo
-    would otherwise fail deep inside `dvc exp run`, after the runs before it)."""
+    would otherwise fail deep inside `dvc exp run`, after the runs before it). A variant's
+    `model` is a row of the model registry (`rows`, default: params.yaml's)."""
+    from steps.core.registry import load_registry
+
     path = Path(path)
+    rows = rows if rows is not None else load_registry(params=params) if params is not None else load_registry()
+    trained = [n for n, r in rows.items() if not r.fixed]
+    keys = seed_keys(rows)
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -79,13 +95,14 @@ def load_variants(path: Path | str, params: dict[str, Any] | None = None) -> lis
         unknown = sorted(set(spec) - {"model", "overrides", "seeds"})
         if unknown:
             raise InputError(f"{where}: unknown key(s) {unknown}; allowed: model, overrides, seeds")
-        if spec.get("model") not in ROWS:
-            raise InputError(f"{where}: field 'model' must be one of {list(ROWS)}, got {spec.get('model')!r}")
+        if spec.get("model") not in trained:
+            raise InputError(f"{where}: field 'model' must be a trained row of the model registry {trained}, "
+                             f"got {spec.get('model')!r}")
         overrides = spec.get("overrides") or {}
         if not isinstance(overrides, dict):
             raise InputError(f"{where}: field 'overrides' must be a mapping of params key -> value")
         for key, value in overrides.items():
-            if key in SEED_KEYS:
+            if key in keys:
                 raise InputError(f"{where}: override '{key}' is set by 'seeds'")
             if isinstance(value, (dict, list)):
                 raise InputError(f"{where}: override '{key}' must be a single value, got {value!r}")
@@ -99,9 +116,10 @@ def load_variants(path: Path | str, params: dict[str, Any] | None = None) -> lis
     return out
 
 
-def plan_runs(variants: list[Variant], base_seed: int) -> list[Run]:
+def plan_runs(variants: list[Variant], base_seed: int, keys: tuple[str, ...]) -> list[Run]:
     """One run per distinct (overrides, seed), named after the first variant that needs it
-    (`default` when there are no overrides); in variant order, seeds innermost."""
+    (`default` when there are no overrides); in variant order, seeds innermost. A seed other
+    than `base_seed` sets every key of `keys` (the trained stages' seeds)."""
     runs: dict[str, Run] = {}
     for v in variants:
         for seed in v.seeds:
@@ -109,7 +127,7 @@ def plan_runs(variants: list[Variant], base_seed: int) -> list[Run]:
             if key not in runs:
                 settings = dict(v.overrides)
                 if seed != base_seed:
-                    settings.update({k: seed for k in SEED_KEYS})
+                    settings.update({k: seed for k in keys})
                 runs[key] = Run(f"{v.name if v.overrides else 'default'}-s{seed}", seed, dict(v.overrides), settings)
     return list(runs.values())
 
@@ -160,7 +178,7 @@ def model_row(run: dict[str, Any], dataset: str, model: str) -> dict[str, float 
     rows = run["summary"]["datasets"][dataset]
     if model not in rows:
         raise InputError(f"{path}: datasets.{dataset}: no '{model}' row")
-    out = {}
+    out = {k: v for k, v in rows[model].items() if k.startswith(OPTIONAL_PREFIXES) and _number(v)}
     for field in METRICS:
         if field not in rows[model]:
             raise InputError(f"{path}: datasets.{dataset}.{model}: missing field '{field}'")
@@ -181,7 +199,12 @@ def spread(values: list[float | None]) -> dict[str, float | None]:
 
 
 def aggregate(runs: list[dict[str, Any]], model: str, datasets: list[str]) -> dict[str, dict[str, Any]]:
-    return {ds: {f: spread([model_row(r, ds, model)[f] for r in runs]) for f in METRICS} for ds in datasets}
+    out = {}
+    for ds in datasets:
+        rows = [model_row(r, ds, model) for r in runs]
+        fields = list(METRICS) + sorted({k for row in rows for k in row} - set(METRICS))
+        out[ds] = {f: spread([row.get(f) for row in rows]) for f in fields}
+    return out
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -195,7 +218,7 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return front
 
 
-def build_report(variants: list[Variant], runs: list[dict[str, Any]]) -> dict[str, Any]:
+def build_report(variants: list[Variant], runs: list[dict[str, Any]], refs: tuple[str, ...]) -> dict[str, Any]:
     by_key = {_run_key(r["overrides"], r["seed"]): r for r in runs}
     default = next((r for r in runs if not r["settings"]), None)
     reference_run = default or (runs[0] if runs else None)
@@ -206,7 +229,7 @@ def build_report(variants: list[Variant], runs: list[dict[str, Any]]) -> dict[st
         "note": ("mean over n_seeds runs that differ in rft.seed = grpo.seed; std is the sample standard "
                  "deviation (null for one seed); teacher and student_base come from one run"),
         "datasets": datasets, "references": {}, "variants": {}, "missing": {}, "pareto_front": {}}
-    for name in REFERENCES:
+    for name in refs:
         if name in reference_run["summary"]["datasets"][datasets[0]]:
             report["references"][name] = {"model": name, "overrides": {}, "seeds": [reference_run["seed"]],
                                           "n_seeds": 1, "runs": [reference_run["name"]],
@@ -359,10 +382,10 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     _save(fig, path)
 
 
-def write_report(variants: list[Variant], runs_dir: Path, out: Path) -> dict[str, Any]:
+def write_report(variants: list[Variant], runs_dir: Path, out: Path, refs: tuple[str, ...]) -> dict[str, Any]:
     """Read every run copy under `runs_dir`, write the JSON, the markdown and both plots."""
     runs = [read_run(d) for d in sorted(runs_dir.iterdir()) if (d / "run.json").exists()] if runs_dir.exists() else []
-    report = build_report(variants, runs)
+    report = build_report(variants, runs, refs)
     write_json(out / "ablations.json", report)
     write_text(out / "ablations.md", markdown(report))
     plot_pareto(report, out / "plots" / "ablations_pareto.png")
@@ -381,7 +404,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default="reports")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    report = write_report(load_variants(args.variants), Path(args.runs), out)
+    from steps.core.registry import load_registry
+
+    rows = load_registry()
+    report = write_report(load_variants(args.variants, rows=rows), Path(args.runs), out, references(rows))
     metrics = {f"{n}/{ds}/{f}": s["mean"] for n, r in report["variants"].items()
                for ds, m in r["datasets"].items() for f, s in m.items() if s["mean"] is not None}
     tracking.log_stage("ablations", {"variants": args.variants, "runs": args.runs}, metrics=metrics,

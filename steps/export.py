@@ -1,10 +1,14 @@
 """export: the winning student as a self-contained bundle, registered in the MLflow registry.
 
-Input: the chosen model directory (rft_grpo by default), reports/summary.json. Output:
+Input: the registry row named by `export.source` (params.yaml `models`; rft_grpo by default), its
+evaluation (data/evaluate/<source>/stats.json: the content hash of the weights that were
+evaluated, which must be the weights exported) and reports/summary.json. Output:
 bundle/ with safetensors weights, tokenizer, generation config, a model card (README.md)
 with the evaluation table and lineage, meta.json and checksums.json (sha256 per file); and
-registry.json naming the registered model version. Promotion between versions (aliases) is
-a separate, gated step.
+registry.json naming the registered model version: an MLflow model with the transformers
+flavour (steps.core.tracking.register_bundle), which `mlflow.transformers.load_model`, `mlflow
+models serve` and `make serve` (vLLM) load as `models:/<model_name>@champion`. Promotion between
+versions (aliases) is a separate, gated step.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from steps.core import serving
 from steps.core.config import help_field, load_config
 from steps.core.io import InputError, read_json, write_json, write_text
 from steps.core.lineage import build_meta
@@ -27,7 +32,9 @@ BUNDLE_FILES = ("model.safetensors", "config.json", "generation_config.json", "t
 class ExportConfig:
     model_name: str = help_field("livethinking-student", "registered model name in the MLflow registry")
     source: str = help_field("rft_grpo", "which evaluated model to export (its row in summary.json)")
-    register: bool = help_field(True, "register a new model version")
+    register: bool = help_field(True, "register a new model version (an MLflow transformers model)")
+    max_new_tokens: int = help_field(256, "the registered model's default generation length (mlflow.pyfunc, "
+                                          "`mlflow models serve`); a request's params override it")
     s3_uri: str | None = help_field(None, "also upload the bundle with a sha256 manifest to "
                                           "<s3_uri>/<model_name>/v<version> (steps.core.storage)")
 
@@ -41,7 +48,7 @@ def sha256(path: Path) -> str:
 
 
 def model_card(name: str, source: str, summary: dict[str, Any], meta: dict[str, Any]) -> str:
-    from steps.evaluate import markdown
+    from steps.report import markdown
 
     rows = {"datasets": {ds: {m: s for m, s in ms.items()} for ds, ms in summary["datasets"].items()}}
     chain, node = [], meta
@@ -80,13 +87,24 @@ def build_bundle(model_dir: Path, bundle: Path, card: str, meta: dict[str, Any])
     return checksums
 
 
+def serving_example(bundle: Path) -> dict[str, Any]:
+    """The registered model's input example: a pipeline-style chat turn and the prompt the
+    bundle's own chat template renders from it (text-generation takes rendered prompts)."""
+    from transformers import AutoTokenizer
+
+    messages = serving.example_messages()
+    prompt = AutoTokenizer.from_pretrained(bundle).apply_chat_template(messages, tokenize=False,
+                                                                       add_generation_prompt=True)
+    return {"messages": messages, "prompt": prompt}
+
+
 def main(argv: list[str] | None = None) -> None:
     from steps.core import tracking
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--model-dir", default="data/grpo/model")
     ap.add_argument("--summary", default="reports/summary.json")
+    ap.add_argument("--evaluations", default="data/evaluate", help="per-model evaluation outputs (weights digests)")
     ap.add_argument("--out", default="data/export")
     args = ap.parse_args(argv)
     cfg = load_config(ExportConfig, "export", args.params)
@@ -97,14 +115,23 @@ def main(argv: list[str] | None = None) -> None:
     if not metrics:
         raise InputError(f"{args.summary}: no evaluation of model {cfg.source!r}; have "
                          f"{sorted({m for ms in summary['datasets'].values() for m in ms})}")
-    model_dir, out = Path(args.model_dir), Path(args.out)
+    from steps.core.fingerprint import dir_digest
+    from steps.core.registry import row as registry_row
+
+    model_dir, out = Path(registry_row(cfg.source, args.params).path), Path(args.out)
+    evaluated = read_json(Path(args.evaluations) / cfg.source / "stats.json").get("model_digest")
+    if evaluated != dir_digest(model_dir):
+        raise InputError(f"{model_dir}: its weights are not the ones evaluated in {args.evaluations}/{cfg.source} "
+                         "(run `dvc repro` so that evaluation and export see the same model)")
     meta = build_meta("export", cfg, parent=str(model_dir), metrics=metrics, source=cfg.source)
     checksums = build_bundle(model_dir, out / "bundle", model_card(cfg.model_name, cfg.source, summary, meta), meta)
     registry: dict[str, Any] = {"model_name": cfg.model_name, "version": None, "run_id": None}
     if cfg.register:
         tags = {"source": cfg.source, "git_commit": meta["git_commit"], "sha256": checksums["model.safetensors"]}
         registry.update(tracking.register_bundle(cfg, out / "bundle", cfg.model_name,
-                                                 {k.replace(".", "/"): v for k, v in metrics.items()}, tags))
+                                                 {k.replace(".", "/"): v for k, v in metrics.items()}, tags,
+                                                 example=serving_example(out / "bundle"),
+                                                 max_new_tokens=cfg.max_new_tokens))
     if cfg.s3_uri:
         from steps.core import storage
 

@@ -9,20 +9,29 @@ loaders, so the synthetic set exercises exactly the path real files take.
 Outputs (examples schema): train.jsonl, eval.jsonl, plus stats.json. The split is a hash of
 the example id, so adding rows never moves an existing row between splits. A malformed input
 line stops the stage with the file, the line and the field named; nothing is written then.
+So does a named source that yields no example (an empty file, or only unanswerable records),
+and an id that occurs twice (both occurrences named, file and line). stats.json has an entry
+per source (`sources`): records read, examples kept, unanswerable records skipped, and MuSiQue
+records whose answer (or any alias) appears in no paragraph, which are kept, counted and warned
+about (the official data has a few; many point at a broken export).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from steps.core import synth
 from steps.core.config import help_field, load_config
 from steps.core.io import InputError, iter_jsonl, write_json, write_jsonl
+from steps.core.metrics import normalize_answer
 from steps.core.schemas import EXAMPLES, validate
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("synthetic", "musique", "ecommerce")
 
@@ -32,12 +41,15 @@ class IngestConfig:
     sources: tuple[str, ...] = help_field(("synthetic",), "any of synthetic, musique, ecommerce")
     musique_path: str | None = help_field(None, "official MuSiQue JSONL (source musique)")
     ecommerce_path: str | None = help_field(None, "e-commerce JSONL in the ePQA shape (source ecommerce)")
-    synthetic_musique_n: int = help_field(2400, "synthetic multi-hop examples to generate")
-    synthetic_ecommerce_n: int = help_field(1200, "synthetic e-commerce examples to generate")
-    eval_fraction: float = help_field(0.1, "share of each dataset held out for evaluation")
-    max_eval_per_dataset: int = help_field(200, "cap on eval examples per dataset (the rest go to train)")
-    max_train_per_dataset: int | None = help_field(None, "cap on train examples per dataset")
-    seed: int = help_field(0, "from base.seed")
+    synthetic_musique_n: int = help_field(2400, "synthetic multi-hop examples to generate", ge=1)
+    synthetic_ecommerce_n: int = help_field(1200, "synthetic e-commerce examples to generate", ge=1)
+    eval_fraction: float = help_field(0.1, "share of each dataset held out for evaluation", gt=0.0, lt=1.0)
+    max_eval_per_dataset: int = help_field(200, "cap on eval examples per dataset (the rest go to train)", ge=1)
+    dev_fraction: float = help_field(0.1, "share of each dataset held out for tuning (dev.jsonl): defaults and "
+                                          "sweeps are chosen on dev, claims are reported on eval", ge=0.0, lt=1.0)
+    max_dev_per_dataset: int = help_field(200, "cap on dev examples per dataset (the rest go to train)", ge=0)
+    max_train_per_dataset: int | None = help_field(None, "cap on train examples per dataset", ge=1)
+    seed: int = help_field(0, "from base.seed", ge=0)
 
     def __post_init__(self) -> None:
         bad = [s for s in self.sources if s not in SOURCES]
@@ -48,6 +60,8 @@ class IngestConfig:
                 raise ValueError(f"source {src} needs {src}_path")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.eval_fraction + self.dev_fraction >= 1.0:
+            raise ValueError(f"eval_fraction + dev_fraction must be < 1, got {self.eval_fraction} + {self.dev_fraction}")
 
 
 class _Row:
@@ -68,7 +82,10 @@ class _Row:
         v = self.obj[field]
         if not isinstance(v, kind) or (isinstance(v, bool) and kind is int):
             raise self.fail(field, _name(kind), v)
-        if isinstance(v, str) and kind is str and not v.strip() and default is ...:
+        # A required text (an id, a question) must say something; "" would pass the type check
+        # and fail only later, in the output's schema, far from the line that holds it.
+        textual = kind is str or (isinstance(kind, tuple) and str in kind)
+        if isinstance(v, str) and textual and not v.strip() and default is ...:
             raise self.fail(field, "a non-empty string", v)
         return v
 
@@ -99,10 +116,38 @@ def _document(title: str, text: str) -> str:
     return text if not title or text.lower().startswith(title.lower()) else f"{title} : {text}"
 
 
-def parse_musique(rows: list[tuple[int, dict[str, Any]]], path: str) -> tuple[list[dict[str, Any]], int]:
-    """Official MuSiQue records -> examples. Unanswerable records are skipped and counted."""
+@dataclass
+class SourceReport:
+    """What one source gave: where each example came from (for duplicate-id messages), and the
+    counts that go to stats.json."""
+    path: str
+    dataset: str = ""
+    records: int = 0
+    skipped_unanswerable: int = 0
+    answer_not_in_paragraphs: int = 0
+    origins: list[tuple[str, int]] = field(default_factory=list)  # (file, line) per example, in order
+
+    def stats(self) -> dict[str, Any]:
+        return {"path": self.path, "records": self.records, "examples": len(self.origins),
+                "skipped_unanswerable": self.skipped_unanswerable,
+                "answer_not_in_paragraphs": self.answer_not_in_paragraphs}
+
+
+def _answer_in(answers: list[str], docs: list[str]) -> bool:
+    """Whether any answer occurs, as whole words after the official normalisation, in a document."""
+    texts = [f" {normalize_answer(d)} " for d in docs]
+    norms = [normalize_answer(a) for a in answers]
+    return any(n and f" {n} " in t for n in norms for t in texts)
+
+
+def parse_musique(rows: list[tuple[int, dict[str, Any]]], path: str,
+                  report: SourceReport | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Official MuSiQue records -> examples. Unanswerable records are skipped and counted;
+    `report` (optional) collects origins and counts."""
     out, skipped = [], 0
+    report = report if report is not None else SourceReport(path)
     for lineno, obj in rows:
+        report.records += 1
         r = _Row(path, lineno, obj)
         if r.get("answerable", bool, True) is False:
             skipped += 1
@@ -126,10 +171,14 @@ def parse_musique(rows: list[tuple[int, dict[str, Any]]], path: str) -> tuple[li
                 if not 0 <= idx < len(docs):
                     raise s.fail("paragraph_support_idx", f"an index below {len(docs)}", idx)
                 helpful.append(idx)
+        answers = [r.get("answer", str), *r.strings("answer_aliases", [])]
+        if not _answer_in(answers, docs):
+            report.answer_not_in_paragraphs += 1
         out.append({"id": r.get("id", str), "dataset": "musique", "documents": docs, "history": [],
-                    "question": r.get("question", str),
-                    "answers": [r.get("answer", str), *r.strings("answer_aliases", [])],
+                    "question": r.get("question", str), "answers": answers,
                     "gold_doc_idxs": gold, "helpful_doc_idxs": helpful, "bridge": bridge})
+        report.origins.append((path, lineno))
+    report.skipped_unanswerable += skipped
     return out, skipped
 
 
@@ -152,11 +201,14 @@ def _history(r: _Row) -> list[dict[str, str]]:
     return turns
 
 
-def parse_ecommerce(rows: list[tuple[int, dict[str, Any]]], path: str) -> list[dict[str, Any]]:
+def parse_ecommerce(rows: list[tuple[int, dict[str, Any]]], path: str,
+                    report: SourceReport | None = None) -> list[dict[str, Any]]:
     """ePQA-shaped records -> examples. Document label 2 answers the question (gold), label 1
     helps (what a helpful response adds), label 0 is irrelevant."""
     out = []
+    report = report if report is not None else SourceReport(path)
     for lineno, obj in rows:
+        report.records += 1
         r = _Row(path, lineno, obj)
         docs, gold, helpful = [], [], []
         title = r.get("product_title", str, "")
@@ -174,6 +226,7 @@ def parse_ecommerce(rows: list[tuple[int, dict[str, Any]]], path: str) -> list[d
         out.append({"id": str(qid), "dataset": "ecommerce", "documents": docs, "history": _history(r),
                     "question": r.get("question", str), "answers": r.strings("reference_answers", []),
                     "gold_doc_idxs": gold, "helpful_doc_idxs": helpful, "bridge": []})
+        report.origins.append((path, lineno))
     return out
 
 
@@ -181,49 +234,103 @@ def _id_hash(example_id: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{example_id}".encode()).digest()[:8], "little")
 
 
-def split(examples: list[dict[str, Any]], cfg: IngestConfig) -> tuple[list[dict], list[dict]]:
-    train, evals = [], []
+def split(examples: list[dict[str, Any]], cfg: IngestConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, dev, eval) by a hash of the id: an example's split never depends on the others.
+    Eval takes the hash range [0, eval_fraction), dev the next dev_fraction, train the rest."""
+    train, dev, evals = [], [], []
     hashes = {e["id"]: _id_hash(e["id"], cfg.seed) for e in examples}
     for ds in sorted({e["dataset"] for e in examples}):
         rows = [e for e in examples if e["dataset"] == ds]
-        flagged = sorted((e for e in rows if hashes[e["id"]] % 1_000_000 < cfg.eval_fraction * 1_000_000),
-                         key=lambda e: hashes[e["id"]])
-        eval_ids = {e["id"] for e in flagged[:cfg.max_eval_per_dataset]}
-        ds_train = [e for e in rows if e["id"] not in eval_ids]
+        unit = {e["id"]: (hashes[e["id"]] % 1_000_000) / 1_000_000 for e in rows}
+
+        def band(lo: float, hi: float, cap: int) -> set[str]:
+            flagged = sorted((e for e in rows if lo <= unit[e["id"]] < hi), key=lambda e: hashes[e["id"]])
+            return {e["id"] for e in flagged[:cap]}
+        eval_ids = band(0.0, cfg.eval_fraction, cfg.max_eval_per_dataset)
+        dev_ids = band(cfg.eval_fraction, cfg.eval_fraction + cfg.dev_fraction, cfg.max_dev_per_dataset)
+        ds_train = [e for e in rows if e["id"] not in eval_ids | dev_ids]
         if cfg.max_train_per_dataset is not None:
             ds_train = ds_train[:cfg.max_train_per_dataset]
         train += ds_train
+        dev += [e for e in rows if e["id"] in dev_ids]
         evals += [e for e in rows if e["id"] in eval_ids]
     # A deterministic shuffle, so that any prefix (sample.max_examples, grpo.max_prompts) mixes
     # the datasets in proportion.
     order = lambda e: hashes[e["id"]] % 1_000_003  # noqa: E731
-    return sorted(train, key=order), sorted(evals, key=lambda e: (e["dataset"], order(e)))
+    held_out = lambda e: (e["dataset"], order(e))  # noqa: E731
+    return sorted(train, key=order), sorted(dev, key=held_out), sorted(evals, key=held_out)
 
 
-def ingest(cfg: IngestConfig) -> tuple[list[dict], list[dict], dict[str, list[dict]], dict[str, Any]]:
-    """-> (train, eval, raw synthetic files by name, stats)."""
+def ingest(cfg: IngestConfig) -> tuple[list[dict], list[dict], list[dict], dict[str, list[dict]], dict[str, Any]]:
+    """-> (train, dev, eval, raw synthetic files by name, stats)."""
     examples: list[dict[str, Any]] = []
+    origins: list[tuple[str, int]] = []
     raw: dict[str, list[dict]] = {}
-    stats: dict[str, Any] = {"skipped_unanswerable": 0}
+    reports: dict[str, SourceReport] = {}
+
+    def add(name: str, key: str, report: SourceReport, ex: list[dict[str, Any]]) -> None:
+        if not report.records:
+            raise InputError(f"{report.path}: no records (an empty file); ingest.sources names {name}, so it must "
+                             "yield examples (drop it from sources, or point its path at the data)")
+        if not ex:
+            raise InputError(f"{report.path}: {report.records} record(s) but no example (all unanswerable); "
+                             f"ingest.sources names {name}, so it must yield examples")
+        if report.answer_not_in_paragraphs:
+            log.warning("ingest: %s: %d of %d records have an answer that appears in no paragraph (kept; counted in "
+                        "stats.json)", report.path, report.answer_not_in_paragraphs, len(ex))
+        reports[key] = report
+        examples.extend(ex)
+        origins.extend(report.origins)
+
     if "synthetic" in cfg.sources:
         raw["musique_synthetic.jsonl"] = synth.musique_rows(cfg.synthetic_musique_n, cfg.seed)
         raw["ecommerce_synthetic.jsonl"] = synth.ecommerce_rows(cfg.synthetic_ecommerce_n, cfg.seed)
-        ex, _ = parse_musique(list(enumerate(raw["musique_synthetic.jsonl"], 1)), "synthetic musique")
-        examples += ex
-        examples += parse_ecommerce(list(enumerate(raw["ecommerce_synthetic.jsonl"], 1)), "synthetic ecommerce")
+        report = SourceReport("synthetic musique", "musique")
+        ex, _ = parse_musique(list(enumerate(raw["musique_synthetic.jsonl"], 1)), report.path, report)
+        add("synthetic", "synthetic_musique", report, ex)
+        report = SourceReport("synthetic ecommerce", "ecommerce")
+        add("synthetic", "synthetic_ecommerce", report,
+            parse_ecommerce(list(enumerate(raw["ecommerce_synthetic.jsonl"], 1)), report.path, report))
     if "musique" in cfg.sources:
-        ex, skipped = parse_musique(list(iter_jsonl(cfg.musique_path)), str(cfg.musique_path))
-        examples += ex
-        stats["skipped_unanswerable"] += skipped
+        report = SourceReport(str(cfg.musique_path), "musique")
+        ex, _ = parse_musique(list(iter_jsonl(cfg.musique_path)), report.path, report)
+        add("musique", "musique", report, ex)
     if "ecommerce" in cfg.sources:
-        examples += parse_ecommerce(list(iter_jsonl(cfg.ecommerce_path)), str(cfg.ecommerce_path))
-    dupes = [k for k, n in Counter(e["id"] for e in examples).items() if n > 1]
-    if dupes:
-        raise InputError(f"duplicate example ids across sources: {dupes[:5]}")
-    train, evals = split(examples, cfg)
-    for name, part in (("train", train), ("eval", evals)):
+        report = SourceReport(str(cfg.ecommerce_path), "ecommerce")
+        ex = parse_ecommerce(list(iter_jsonl(cfg.ecommerce_path)), report.path, report)
+        add("ecommerce", "ecommerce", report, ex)
+    check_unique_ids(examples, origins)
+    stats: dict[str, Any] = {"skipped_unanswerable": sum(r.skipped_unanswerable for r in reports.values()),
+                             "sources": {name: r.stats() for name, r in reports.items()}}
+    train, dev, evals = split(examples, cfg)
+    for name, part in (("train", train), ("dev", dev), ("eval", evals)):
         stats[name] = dict(Counter(e["dataset"] for e in part))
-    return train, evals, raw, stats
+    for ds, n in Counter(e["dataset"] for e in examples).items():
+        # Every later stage works per dataset: an empty side would fail far from its cause.
+        if not stats["train"].get(ds) or not stats["eval"].get(ds):
+            paths = [r.path for r in reports.values() if r.dataset == ds]
+            raise InputError(f"ingest: dataset {ds} ({', '.join(paths) or 'its source'}): {n} example(s) split into "
+                             f"{stats['train'].get(ds, 0)} train and {stats['eval'].get(ds, 0)} eval; each needs "
+                             f"at least one (add examples, or change eval_fraction={cfg.eval_fraction}, "
+                             f"dev_fraction={cfg.dev_fraction}, max_eval_per_dataset={cfg.max_eval_per_dataset}, "
+                             f"max_train_per_dataset={cfg.max_train_per_dataset})")
+    return train, dev, evals, raw, stats
+
+
+def check_unique_ids(examples: list[dict[str, Any]], origins: list[tuple[str, int]]) -> None:
+    """InputError naming both occurrences (file and line) of each duplicated id (up to five)."""
+    first: dict[str, tuple[str, int]] = {}
+    dupes = []
+    for e, (path, line) in zip(examples, origins, strict=True):
+        if e["id"] in first:
+            (p0, l0) = first[e["id"]]
+            where = f"{p0}: line {l0} and line {line}" if p0 == path else f"{p0}: line {l0} and {path}: line {line}"
+            dupes.append(f"{e['id']!r} ({where})")
+        else:
+            first[e["id"]] = (path, line)
+    if dupes:
+        raise InputError(f"duplicate example id(s): {'; '.join(dupes[:5])}"
+                         + (f"; and {len(dupes) - 5} more" if len(dupes) > 5 else "") + ": ids must be unique")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,19 +339,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/ingest")
     args = ap.parse_args(argv)
     cfg = load_config(IngestConfig, "ingest", args.params)
-    train, evals, raw, stats = ingest(cfg)
+    train, dev, evals, raw, stats = ingest(cfg)
     out = Path(args.out)
     validate(train, EXAMPLES, out / "train.jsonl")
     validate(evals, EXAMPLES, out / "eval.jsonl")
+    validate(dev, EXAMPLES, out / "dev.jsonl")
+    write_jsonl(out / "dev.jsonl", dev)
     for name, rows in raw.items():
         write_jsonl(out / "raw" / name, rows)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "eval.jsonl", evals)
     write_json(out / "stats.json", stats)
     from steps.core import tracking
-    tracking.log_stage("ingest", cfg, metrics={f"{k}_{ds}": n for k in ("train", "eval")
+    tracking.log_stage("ingest", cfg, metrics={f"{k}_{ds}": n for k in ("train", "dev", "eval")
                                                for ds, n in stats[k].items()})
-    print(f"ingest: train {stats['train']} eval {stats['eval']} -> {out}")
+    print(f"ingest: train {stats['train']} dev {stats['dev']} eval {stats['eval']} -> {out}")
 
 
 if __name__ == "__main__":

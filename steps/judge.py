@@ -8,24 +8,30 @@ per dataset, and how many examples kept at least one candidate). The judge is ch
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps.core.config import help_field, load_config
+from steps.core.config import check_options, help_field, load_config
 from steps.core.io import InputError, write_json, write_jsonl
-from steps.core.judges import make_judge
+from steps.core.judges import JUDGES, make_judge
 from steps.core.schemas import CANDIDATES, EXAMPLES, JUDGED, read_validated, validate
 
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    kind: str = help_field("rule", "judge: rule (an LLM judge plugs in by name)")
-    options: dict = field(default_factory=dict, metadata={"help": "passed to the judge"})
+    kind: str = help_field("rule", "judge: rule | llm (steps.core.judges.JUDGES)")
+    options: dict = field(default_factory=dict, metadata={
+        "help": "passed to the judge (llm: model, base_url, api_key_env, votes, ...); checked against its constructor"})
     keep: str = help_field("correct_and_helpful", "filter: correct_and_helpful | correct | all (unfiltered SFT)")
-    max_kept_per_example: int | None = help_field(None, "cap on kept candidates per example (None: all)")
+    max_kept_per_example: int | None = help_field(None, "cap on kept candidates per example (None: all)", ge=1)
 
     def __post_init__(self) -> None:
+        if self.kind not in JUDGES:
+            raise ValueError(f"kind: unknown judge {self.kind!r}; known: {sorted(JUDGES)}")
+        module, cls = JUDGES[self.kind].split(":")
+        check_options(getattr(importlib.import_module(module), cls), self.options, "options")
         if self.keep not in ("correct_and_helpful", "correct", "all"):
             raise ValueError(f"keep must be correct_and_helpful, correct or all, got {self.keep!r}")
 

@@ -47,18 +47,20 @@ class PretrainDemoConfig:
     student_path: str | None = help_field(None, "a real student base model directory: record it, train nothing")
     teacher_arch: dict = help_field(None, "teacher architecture: type qwen3 + Qwen3Config fields")
     student_arch: dict = help_field(None, "student architecture: type qwen3_moe + Qwen3MoeConfig fields")
-    teacher_steps: int = help_field(800, "optimiser steps for the teacher")
-    student_steps: int = help_field(150, "optimiser steps for the student base")
-    batch_size: int = help_field(64, "sequences per step")
-    learning_rate: float = help_field(2e-3, "AdamW peak learning rate (warm-up, then cosine)")
-    warmup_steps: int = help_field(30, "linear warm-up steps")
-    teacher_p_wrong: float = help_field(0.15, "share of teacher traces with a wrong answer")
-    teacher_p_unhelpful: float = help_field(0.25, "share of teacher traces without the helpful supplement")
-    student_p_wrong: float = help_field(0.3, "share of student-base traces with a wrong answer")
-    student_p_unhelpful: float = help_field(0.5, "share of student-base traces without the supplement")
-    max_fillers: int = help_field(6, "teacher verbosity: 0..max_fillers filler sentences per trace")
-    threads: int = help_field(2, "torch CPU threads")
-    seed: int = help_field(0, "from base.seed")
+    teacher_steps: int = help_field(800, "optimiser steps for the teacher", ge=1)
+    student_steps: int = help_field(150, "optimiser steps for the student base", ge=1)
+    batch_size: int = help_field(64, "sequences per step", ge=1)
+    learning_rate: float = help_field(2e-3, "AdamW peak learning rate (warm-up, then cosine)", gt=0.0)
+    warmup_steps: int = help_field(30, "linear warm-up steps", ge=0)
+    teacher_p_wrong: float = help_field(0.15, "share of teacher traces with a wrong answer", ge=0.0, le=1.0)
+    teacher_p_unhelpful: float = help_field(0.25, "share of teacher traces without the helpful supplement",
+                                         ge=0.0, le=1.0)
+    student_p_wrong: float = help_field(0.3, "share of student-base traces with a wrong answer", ge=0.0, le=1.0)
+    student_p_unhelpful: float = help_field(0.5, "share of student-base traces without the supplement",
+                                         ge=0.0, le=1.0)
+    max_fillers: int = help_field(6, "teacher verbosity: 0..max_fillers filler sentences per trace", ge=0)
+    threads: int = help_field(2, "torch CPU threads", ge=1)
+    seed: int = help_field(0, "from base.seed", ge=0)
 
     def __post_init__(self) -> None:
         if (self.teacher_path is None) != (self.student_path is None):
@@ -174,14 +176,15 @@ def corpus_texts(examples: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
-def pretrain(cfg: PretrainDemoConfig, train: list[dict], evals: list[dict], out: Path) -> dict[str, Any]:
-    """Train and save both models under `out`; returns metrics."""
+def pretrain(cfg: PretrainDemoConfig, train: list[dict], out: Path) -> dict[str, Any]:
+    """Train and save both models under `out`; returns metrics. The vocabulary comes from the
+    train split only: nothing about the held-out splits reaches a model."""
     import torch
 
     from steps.core import modeling
 
     torch.set_num_threads(cfg.threads)
-    tokenizer = modeling.build_tokenizer(corpus_texts(train + evals))
+    tokenizer = modeling.build_tokenizer(corpus_texts(train))
     metrics: dict[str, Any] = {"vocab_size": len(tokenizer)}
     history: list[dict[str, float]] = []
     plan = (("teacher", cfg.teacher_arch, cfg.teacher_steps, cfg.teacher_p_wrong, cfg.teacher_p_unhelpful, cfg.max_fillers),
@@ -219,8 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics: dict[str, Any] = {}
     else:
         train = read_validated(Path(args.data) / "train.jsonl", EXAMPLES)
-        evals = read_validated(Path(args.data) / "eval.jsonl", EXAMPLES)
-        metrics = pretrain(cfg, train, evals, out)
+        metrics = pretrain(cfg, train, out)
         models = {"teacher": str(out / "teacher"), "student_base": str(out / "student_base"), "embedded": True}
     write_json(out / "models.json", models)
     history = metrics.pop("history", [])

@@ -54,7 +54,7 @@ class PromoteConfig:
             if gate.get("better") not in ("higher", "lower"):
                 raise ValueError(f"gates.{name}.better: expected 'higher' or 'lower', got {gate.get('better')!r}")
             tol = gate.get("tolerance", 0.0)
-            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or tol == float("inf"):
                 raise ValueError(f"gates.{name}.tolerance: expected a number >= 0, got {tol!r}")
 
 

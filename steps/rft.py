@@ -25,17 +25,19 @@ from steps.core.schemas import EXAMPLES, JUDGED, read_validated
 @dataclass(frozen=True)
 class RftConfig:
     base_model: str | None = help_field(None, "student override; default: pretrain_demo/models.json student_base")
-    epochs: float = help_field(3.0, "passes over the kept set (ignored when max_steps > 0)")
-    max_steps: int = help_field(-1, "optimiser steps; -1 means use epochs")
-    learning_rate: float = help_field(1e-3, "peak learning rate (cosine schedule)")
-    warmup_ratio: float = help_field(0.05, "share of steps spent warming up")
-    batch_size: int = help_field(32, "sequences per device step")
-    lambda_aux: float | None = help_field(0.01, "MoE load-balancing loss weight; None: the model config's own")
-    max_length: int = help_field(512, "tokens per training sequence (prompt + completion)")
+    epochs: float = help_field(3.0, "passes over the kept set (ignored when max_steps > 0)", gt=0.0)
+    max_steps: int = help_field(-1, "optimiser steps; -1 means use epochs", ge=-1)
+    learning_rate: float = help_field(1e-3, "peak learning rate (cosine schedule)", gt=0.0)
+    warmup_ratio: float = help_field(0.05, "share of steps spent warming up", ge=0.0, lt=1.0)
+    batch_size: int = help_field(32, "sequences per device step", ge=1)
+    lambda_aux: float | None = help_field(0.01, "MoE load-balancing loss weight; None: the model config's own",
+                                        ge=0.0)
+    max_length: int = help_field(512, "tokens per training sequence (prompt + completion)", ge=1)
     bf16: bool | None = help_field(None, "None: on GPU only")
-    threads: int = help_field(2, "torch CPU threads")
+    threads: int = help_field(2, "torch CPU threads", ge=1)
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
-    seed: int = help_field(0, "null: base.seed; changing it alone re-runs rft, grpo and evaluate only")
+    seed: int = help_field(0, "null: base.seed; changing it alone re-runs rft, grpo and evaluate only",
+                           ge=0)
 
 
 def sft_rows(examples: list[dict[str, Any]], kept: list[dict[str, Any]], tokenizer: Any,

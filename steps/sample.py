@@ -5,9 +5,18 @@ candidates.jsonl (candidates schema) and stats.json. The generation back end is 
 name (`backend`: transformers in-process; vllm and openai plug in through the same protocol).
 
 Resumable: completions are persisted in whole shard files under `.resume/<key>/` as each
-batch arrives, where the key hashes the config, the model and the input file. A run killed at
-any moment and started again skips what is already there, so nothing is lost or duplicated;
-a changed config or input gets a fresh key, so stale samples never mix in.
+batch arrives. The key covers everything a row depends on: the config, the teacher's content
+(weights, tokenizer and chat template: `fingerprint.dir_digest`; its path alone, which each row
+records, says nothing about what is in it), the input file's bytes, and the source of the code
+that renders prompts and generates (`fingerprint.code_digest`).
+A run killed at any moment and started again skips what is already there, so nothing is lost or
+duplicated; a retrained teacher, a changed config, input or code gets a fresh key, so stale
+samples never mix in. The shards are deleted only once the whole stage has succeeded, tracking
+included (a tracking outage is survived: steps.core.tracking).
+
+Each (example, sample index) has its own seed (`derive_seed(seed, id, j)`), and every back end
+draws it from its own random stream, so a completion does not depend on which other prompts
+shared its batch: sampling 3 examples or 40 gives the 3 the same candidates.
 
 Prompts fit `max_prompt_tokens` (steps.core.prompts: the least relevant documents are
 dropped); stats.json counts the examples that lost documents, and a warning says how many.
@@ -26,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from steps.core import prompts as P
-from steps.core.backends import Completion, SamplingParams, make_backend
-from steps.core.config import ConfigError, config_hash, help_field, load_config
+from steps.core.backends import REGISTRY, Completion, SamplingParams, backend_class, make_backend
+from steps.core.config import ConfigError, check_options, config_hash, help_field, load_config
+from steps.core.fingerprint import code_digest, dir_digest
 from steps.core.io import ShardWriter, read_json, write_json, write_jsonl
 from steps.core.schemas import CANDIDATES, EXAMPLES, read_validated, validate
 
@@ -48,28 +58,28 @@ class SampleConfig:
     container image the interpreter has vLLM already and `python` stays null."""
 
     backend: str = help_field("transformers", "generation back end: transformers | vllm | openai")
-    backend_options: dict = field(default_factory=dict, metadata={"help": "passed to the back end (batch_size, base_url, ...)"})
+    backend_options: dict = field(default_factory=dict, metadata={
+        "help": "passed to the back end (batch_size, base_url, api_key_env, ...); checked against its constructor"})
     model: str | None = help_field(None, "teacher override; default: pretrain_demo/models.json teacher")
-    k: int = help_field(4, "candidates per example")
-    temperature: float = help_field(1.0, "sampling temperature")
-    top_p: float = help_field(1.0, "nucleus sampling")
-    max_new_tokens: int = help_field(192, "generation budget per candidate, thinking included")
-    max_examples: int | None = help_field(None, "sample only the first N training examples")
-    shard_size: int = help_field(64, "prompts per generate call (and at most per resume shard)")
+    k: int = help_field(4, "candidates per example", ge=1)
+    temperature: float = help_field(1.0, "sampling temperature (0: greedy)", ge=0.0)
+    top_p: float = help_field(1.0, "nucleus sampling", gt=0.0, le=1.0)
+    max_new_tokens: int = help_field(192, "generation budget per candidate, thinking included", ge=1)
+    max_examples: int | None = help_field(None, "sample only the first N training examples", ge=1)
+    shard_size: int = help_field(64, "prompts per generate call (and at most per resume shard)", ge=1)
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true} for Qwen3"})
     max_prompt_tokens: int | None = help_field(4096, "prompt budget; the least relevant documents are dropped "
-                                                     "to fit (null: no budget)")
+                                                     "to fit (null: no budget)", ge=1)
     python: str | None = help_field(None, "interpreter that runs the generation (null: this one), e.g. "
                                           ".venv-vllm/bin/python for backend vllm on a CPU machine")
-    seed: int = help_field(0, "from base.seed")
+    seed: int = help_field(0, "from base.seed", ge=0)
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1 or null, got {self.max_prompt_tokens}")
+        if self.backend not in REGISTRY:
+            raise ValueError(f"backend: unknown generation back end {self.backend!r}; known: {sorted(REGISTRY)}")
+        # The stage sets `model` itself; everything else must be a constructor option of the
+        # back end, with the annotated type, so a typo stops here rather than mid-stage.
+        check_options(backend_class(self.backend), self.backend_options, "backend_options", reserved=("model",))
 
 
 def candidate_row(example: dict[str, Any], j: int, c: Completion, model: str) -> dict[str, Any]:
@@ -138,6 +148,18 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def resume_key(cfg: SampleConfig, model: str, data: Path | str) -> str:
+    """What every candidate row depends on (module docstring): the config, the teacher's content
+    (a local directory's files; a served model's name, and the content of a local tokenizer
+    that renders or counts for it), the input's bytes and the code that makes a row."""
+    model_id = dir_digest(model) if Path(model).exists() else f"served:{model}"
+    tokenizer = cfg.backend_options.get("tokenizer")
+    tokenizer_id = dir_digest(tokenizer) if isinstance(tokenizer, str) and Path(tokenizer).exists() else None
+    module = REGISTRY[cfg.backend].split(":")[0]
+    code = code_digest("steps.sample", "steps.core.backends", "steps.core.prompts", module)
+    return config_hash(cfg, model, model_id, tokenizer_id, _file_digest(Path(data)), code)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
@@ -158,21 +180,23 @@ def main(argv: list[str] | None = None) -> None:
     from steps.core import tracking
     metrics = {f"{ds}_mean_completion_tokens": v["mean_completion_tokens"] for ds, v in st.items()
                if isinstance(v, dict)}
+    # Never raises for a tracking outage (it is kept for `python -m steps.core.tracking replay`).
     tracking.log_stage("sample", cfg, metrics={**metrics, "prompts_over_budget": st["prompts_over_budget"]})
+    # Only now, with the outputs written and the stage logged, is the resumable work redundant.
+    shutil.rmtree(out / ".resume", ignore_errors=True)
 
 
 def generate(cfg: SampleConfig, data: str, models: str, out: Path) -> dict[str, Any]:
     """The stage's work: candidates.jsonl and stats.json under `out`; returns the stats."""
     examples = read_validated(data, EXAMPLES)
     model = cfg.model or read_json(models)["teacher"]
-    model_id = _file_digest(Path(model) / "config.json") if (Path(model) / "config.json").exists() else model
-    work = out / ".resume" / config_hash(cfg, model, model_id, _file_digest(Path(data)))
+    work = out / ".resume" / resume_key(cfg, model, data)
     rows, over_budget = sample(cfg, examples, model, work)
     validate(rows, CANDIDATES, out / "candidates.jsonl")
     write_jsonl(out / "candidates.jsonl", rows)
     st = stats(rows, over_budget)
     write_json(out / "stats.json", st)
-    shutil.rmtree(out / ".resume", ignore_errors=True)  # only after the output is safely written
+    # The shards stay until main() has logged the stage (they go only once it all succeeded).
     print(f"sample: {len(rows)} candidates -> {out / 'candidates.jsonl'}")
     return st
 

@@ -72,12 +72,15 @@ def judge_rule(prompt: str) -> dict[str, Any]:
 class FakeOpenAIServer:
     def __init__(self, model: str = "fake", latency_s: float = 0.0, faults: FaultScript | None = None,
                  stall_s: float = 30.0, retry_after_s: float = 0.05, reasoning_field: bool = False,
-                 judge_fn: Callable[[int, dict[str, Any]], str] | None = None, port: int = 0):
+                 judge_fn: Callable[[int, dict[str, Any]], str] | None = None, port: int = 0,
+                 usage: bool = True):
         self.model, self.latency_s, self.stall_s = model, latency_s, stall_s
         self.faults: FaultScript = faults or {}
         self.retry_after_s, self.reasoning_field, self.judge_fn = retry_after_s, reasoning_field, judge_fn
         self.counts: Counter[str] = Counter()  # by route and by fault kind ("fault:429", ...)
         self.bodies: list[dict[str, Any]] = []  # every POST body, in arrival order
+        self.usage = usage  # False: replies carry no `usage`, as some servers send them
+        self.authorizations: set[str] = set()  # every Authorization header seen
         self.in_flight = self.max_in_flight = 0  # concurrent POSTs being handled, and the peak
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -165,8 +168,11 @@ class FakeOpenAIServer:
                                       else f"<think> {thinking} {content}".rstrip())
             choice = {"index": 0, "message": message, "finish_reason": finish}
             obj = "chat.completion"
-        return {"id": f"fake-{n}", "object": obj, "created": int(time.time()), "model": body.get("model", self.model),
-                "choices": [choice], "usage": usage}
+        out = {"id": f"fake-{n}", "object": obj, "created": int(time.time()), "model": body.get("model", self.model),
+               "choices": [choice], "usage": usage}
+        if not self.usage:
+            del out["usage"]
+        return out
 
     def _generation(self, prompt: str, body: dict[str, Any]) -> tuple[str, str]:
         question = prompt.split("question :")[-1].split(" reply with")[0].strip() or prompt[-60:]
@@ -228,6 +234,8 @@ def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             except json.JSONDecodeError as e:
                 self._send(400, json.dumps({"error": {"message": f"invalid JSON body: {e}"}}).encode())
                 return
+            with server._lock:
+                server.authorizations.add(self.headers.get("Authorization", ""))
             n, fault = server._admit(path, body)
             with server._lock:
                 server.in_flight += 1

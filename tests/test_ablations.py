@@ -6,7 +6,14 @@ import subprocess
 import pytest
 
 from steps.ablations import (Variant, build_report, load_variants, markdown, pareto_front, plan_runs, read_run,
-                             write_report)
+                             references, seed_keys, write_report)
+from steps.core.registry import load_registry
+
+REGISTRY = load_registry(params={"models": {
+    "teacher": {"stage": "pretrain_demo", "path": "t", "fixed": True},
+    "student_base": {"stage": "pretrain_demo", "path": "s", "fixed": True},
+    "rft": {"stage": "rft", "path": "r"}, "rft_grpo": {"stage": "grpo", "path": "g"}}})
+REFS, KEYS = references(REGISTRY), seed_keys(REGISTRY)
 from steps.core.io import InputError
 from tests.helpers import GIT
 
@@ -57,7 +64,7 @@ def test_pareto_front_keeps_what_nothing_beats():
 
 
 def test_seed_mean_std_min_max_and_references(runs_dir):
-    report = build_report(VARIANTS, [read_run(d) for d in sorted(runs_dir.iterdir())])
+    report = build_report(VARIANTS, [read_run(d) for d in sorted(runs_dir.iterdir())], REFS)
     rft = report["variants"]["rft_only"]
     assert rft["n_seeds"] == 2 and rft["seeds"] == [0, 1] and rft["runs"] == ["default-s0", "default-s1"]
     c = rft["datasets"]["musique"]["correctness"]
@@ -83,7 +90,7 @@ def test_missing_field_names_file_and_field(runs_dir):
     summary.write_text(json.dumps(data))
     with pytest.raises(InputError, match=r"beta-s0/summary.json: datasets.musique.rft_grpo: missing field "
                                          r"'decode_tflops_per_response'"):
-        build_report(VARIANTS, [read_run(d) for d in sorted(runs_dir.iterdir())])
+        build_report(VARIANTS, [read_run(d) for d in sorted(runs_dir.iterdir())], REFS)
     (runs_dir / "default-s1" / "run.json").write_text('{"name": "x"}')
     with pytest.raises(InputError, match=r"default-s1/run.json: missing field 'seed'"):
         read_run(runs_dir / "default-s1")
@@ -93,7 +100,7 @@ def test_report_files_and_plots(runs_dir, tmp_path):
     from matplotlib.image import imread
 
     out = tmp_path / "reports"
-    write_report(VARIANTS, runs_dir, out)
+    write_report(VARIANTS, runs_dir, out, REFS)
     assert json.loads((out / "ablations.json").read_text())["variants"]["rft_grpo"]["n_seeds"] == 2
     for png in ("ablations_pareto.png", "grpo_curves.png"):
         img = imread(out / "plots" / png)
@@ -101,25 +108,25 @@ def test_report_files_and_plots(runs_dir, tmp_path):
 
 
 def test_plan_shares_runs_and_seeds_only_what_differs():
-    runs = plan_runs(VARIANTS, base_seed=0)
+    runs = plan_runs(VARIANTS, base_seed=0, keys=KEYS)
     assert [r.name for r in runs] == ["default-s0", "default-s1", "beta-s0", "unrun-s0"]
     assert runs[0].settings == {} and runs[1].settings == {"rft.seed": 1, "grpo.seed": 1}
-    assert plan_runs(VARIANTS[:1], base_seed=5)[0].settings == {"rft.seed": 0, "grpo.seed": 0}
+    assert plan_runs(VARIANTS[:1], base_seed=5, keys=KEYS)[0].settings == {"rft.seed": 0, "grpo.seed": 0}
 
 
 def test_variants_file_errors_name_the_variant_and_field(tmp_path):
     p = tmp_path / "ablations.yaml"
     params = {"grpo": {"beta": 0.0}, "judge": {"keep": "all"}}
     p.write_text("variants:\n  a: {model: rft, overrides: {grpo.beta: 0.1}, seeds: [0, 1]}\n")
-    assert load_variants(p, params) == [Variant("a", "rft", {"grpo.beta": 0.1}, (0, 1))]
-    for text, message in [("b: {model: grpo}", r"variant 'b': field 'model' must be one of"),
+    assert load_variants(p, params, rows=REGISTRY) == [Variant("a", "rft", {"grpo.beta": 0.1}, (0, 1))]
+    for text, message in [("b: {model: grpo}", r"variant 'b': field 'model' must be a trained row"),
                           ("c: {model: rft, overrides: {grpo.betta: 0.1}}", r"variant 'c': override 'grpo.betta' is not"),
                           ("d: {model: rft, seeds: []}", r"variant 'd': field 'seeds'"),
                           ("e: {model: rft, overrides: {rft.seed: 3}}", r"variant 'e': override 'rft.seed' is set by"),
                           ("f: {model: rft, runs: 2}", r"variant 'f': unknown key")]:
         p.write_text(f"variants:\n  {text}\n")
         with pytest.raises(InputError, match=message):
-            load_variants(p, params)
+            load_variants(p, params, rows=REGISTRY)
 
 
 def test_repository_variants_file_matches_params():

@@ -1,6 +1,8 @@
 """`python -m flows.ablations` on the micro preset: real `dvc exp run`s for a two-seed variant pair,
-GRPO from the student base and a β > 0 run; the report, the plots, MLflow's GRPO curves, the
-evaluation cache, a resumed second call that runs nothing, and the workspace put back."""
+GRPO from the student base and a β > 0 run; the report, the plots, MLflow's GRPO curves, models
+evaluated once, a resumed second call that runs nothing, and the workspace put back. Then
+`python -m flows.compare` (make compare) in the same workspace: every method of the registry at
+its seeds, the methods report and its Pareto plot."""
 import json
 import os
 import shutil
@@ -46,7 +48,7 @@ def workspace(tmp_path_factory):
            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["dvc", "repro", "-q", "evaluate"], ["git", "add", "-A"], ["git", "commit", "-qm", "micro"]):
+                ["dvc", "repro", "-q", "report"], ["git", "add", "-A"], ["git", "commit", "-qm", "micro"]):
         proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-2000:])
     return ws, env
@@ -114,13 +116,14 @@ def test_ablations_flow_runs_reports_and_restores(workspace):
     assert len(metric_steps(ws, "grpo", "beta_0.04-s0", "kl")) >= 2
     for curve in ("reward", "rewards/length/mean", "completions/mean_length"):
         assert len(metric_steps(ws, "grpo", "grpo_only-s0", curve)) >= 2, curve
-    # The teacher and the student base were generated once: later runs hit the evaluation cache.
-    assert "evaluate: teacher: cache hit" in log and "evaluate: student_base: cache hit" in log
+    # The teacher and the student base were evaluated once (their own DVC stages): no run re-ran them.
+    assert "Running stage 'evaluate@teacher'" not in log and "Running stage 'evaluate@student_base'" not in log
+    assert "Running stage 'evaluate@rft_grpo'" in log
 
     # The workspace is back: params, lock and uncached outputs as committed, the data matching them.
     for f, content in before.items():
         assert (ws / f).read_bytes() == content, f
-    status = subprocess.run(["dvc", "status", "evaluate"], cwd=ws, env=env, capture_output=True, text=True)
+    status = subprocess.run(["dvc", "status", "report"], cwd=ws, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
     assert not (ws / ".cache/ablations/workspace").exists()
 
@@ -128,3 +131,32 @@ def test_ablations_flow_runs_reports_and_restores(workspace):
     log, seconds = flow(ws, env)
     assert "to run" not in log and "Running stage" not in log and "Task run" not in log
     assert (ws / "params.yaml").read_bytes() == before["params.yaml"]
+
+
+def test_compare_flow_reports_every_method_over_its_seeds(workspace):
+    """Runs after the ablations: DVC's run cache gives back what their seed runs trained."""
+    from steps.core.registry import load_registry
+    ws, env = workspace
+    before = {f: (ws / f).read_bytes() for f in ("params.yaml", "dvc.lock", "reports/summary.json")}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flows.compare"], cwd=ws, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"compare flow on the micro preset: {time.perf_counter() - t0:.0f} s")
+    rows = load_registry(ws / "params.yaml")
+    report = json.loads((ws / "reports/methods.json").read_text())
+    methods = [n for n, r in rows.items() if not r.fixed]
+    assert list(report["variants"]) == methods and "dler" in methods and not report["missing"]
+    assert set(report["references"]) == {n for n, r in rows.items() if r.fixed}
+    for name in methods:
+        v = report["variants"][name]
+        assert v["n_seeds"] == len(rows[name].seeds) == 2 and v["runs"] == ["default-s0", "default-s1"]
+        assert v["datasets"]["musique"]["correctness"]["std"] is not None
+    assert set(report["pareto_front"]) == {"musique", "ecommerce"}
+    assert "| dler | dler | 2 |" in (ws / "reports/methods.md").read_text()
+    from matplotlib.image import imread
+    img = imread(ws / "reports/plots/methods_pareto.png")
+    assert img.shape[1] > 600 and img.std() > 0.01
+    for f, content in before.items():
+        assert (ws / f).read_bytes() == content, f
+    # Both seeds' dler logs were kept with the run copies.
+    assert all((ws / f"reports/compare/runs/default-s{s}/dler_train_log.csv").exists() for s in (0, 1))

@@ -184,7 +184,8 @@ def test_budget_ending_inside_the_reasoning_field_leaves_the_think_open(serve):
 
 
 @pytest.mark.parametrize("body,expect", [
-    # (reply body) -> (text, finish_reason, completion_tokens); usage missing -> a word count
+    # (reply body) -> (text, finish_reason, completion_tokens); usage missing -> counted here (words
+    # without a tokenizer) and marked estimated
     ({"choices": [{"message": {"content": "R"}, "finish_reason": "stop"}], "usage": {"completion_tokens": 4}},
      ("R", "stop", 4)),
     ({"choices": [{"message": {"content": "x y", "reasoning_content": "t"}, "finish_reason": "length"}]},
@@ -200,6 +201,7 @@ def test_budget_ending_inside_the_reasoning_field_leaves_the_think_open(serve):
 def test_parse_reply_table(body, expect):
     r = parse_reply(body, 0.1)
     assert (r.text(), r.finish_reason, r.completion_tokens) == expect
+    assert r.tokens_estimated == ("usage" not in body or "prompt_tokens" not in body["usage"])
 
 
 @pytest.mark.parametrize("body,error", [
@@ -285,7 +287,8 @@ def test_sample_stage_killed_five_times_loses_and_duplicates_nothing(serve, tmp_
     options = {"base_url": server.base_url, "concurrency": 2, "cache_dir": str(tmp_path / "cache"),
                "request_timeout_s": 10, "backoff_initial_s": 0.01}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"sample": {"backend": "openai", "backend_options": options, "k": 3, "model": "fake", "shard_size": 4}}))
+        {"base": {"seed": 0},
+         "sample": {"backend": "openai", "backend_options": options, "k": 3, "model": "fake", "shard_size": 4}}))
     cmd = [sys.executable, "-m", "steps.sample", "--params", "params.yaml", "--data", "data/ingest/train.jsonl",
            "--models", "models.json", "--out", "data/sample"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PIPELINE_TRACKING": "off"}
@@ -315,3 +318,52 @@ def test_sample_stage_killed_five_times_loses_and_duplicates_nothing(serve, tmp_
     assert all(f"seed {derive_seed(0, r['id'], r['sample_idx'])} " in r["completion"] for r in out)
     # Kills lose at most the requests in flight (concurrency 2); everything else is re-used.
     assert server.posts <= 48 + 5 * 2
+
+
+# --- issue 11: token counts without `usage`, and the key from the environment ------------------
+
+def test_missing_usage_is_counted_with_the_local_tokenizer_and_said(serve, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    from steps.core import modeling
+    from steps.pretrain_demo import corpus_texts
+
+    rows = examples(2, 0)
+    modeling.build_tokenizer(corpus_texts(rows)).save_pretrained(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    server = serve(usage=False, reasoning_field=True)
+    b = backend(server, tokenizer=str(tmp_path / "tok"))
+    prompts = [Prompt(messages=tuple(messages(e)), text="", key=e["id"]) for e in rows]
+    with caplog.at_level("WARNING"):
+        out = b.generate(prompts, SamplingParams(n=2))
+    count = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for p, cs in zip(prompts, out):
+        for c in cs:
+            thinking, response = split_completion(c.text)
+            assert c.tokens_estimated and c.completion_tokens == count(thinking) + count(response)
+            assert c.prompt_tokens == count(tok.apply_chat_template(list(p.messages), tokenize=False,
+                                                                    add_generation_prompt=True)) > 0
+    assert "4 of 4 replies carried no usage; their token counts were estimated with the local tokenizer" in caplog.text
+    assert b.stats.tokens_estimated == 4
+
+
+def test_missing_usage_without_a_tokenizer_counts_words_and_says_so(serve, caplog):
+    server = serve(usage=False)
+    with caplog.at_level("WARNING"):
+        out = backend(server).generate(chat_prompts(1), SamplingParams(n=3))
+    assert all(c.tokens_estimated and c.completion_tokens == len(c.text.split()) and c.prompt_tokens > 0
+               for c in out[0])
+    assert "3 of 3 replies carried no usage" in caplog.text and "whitespace-separated words" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        served = backend(serve()).generate(chat_prompts(1), SamplingParams(n=1))
+    assert not served[0][0].tokens_estimated and "usage" not in caplog.text
+
+
+def test_the_api_key_comes_from_the_variable_params_name(serve, monkeypatch):
+    server = serve()
+    monkeypatch.setenv("TEAM_LLM_KEY", "sk-from-the-environment-0123456789")
+    backend(server, api_key_env="TEAM_LLM_KEY").generate(chat_prompts(1), SamplingParams(n=1))
+    assert server.authorizations == {"Bearer sk-from-the-environment-0123456789"}
+    with pytest.raises(TypeError):
+        backend(server, api_key="sk-literal")  # no literal key: params could carry it into dvc.lock

@@ -17,21 +17,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_dvc_stage_has_a_family_and_a_container_command():
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    from flows.docker_runner import resolved_stages
+    from steps.core.registry import load_registry
+    stages = resolved_stages(ROOT / "dvc.yaml")
+    # foreach stages come expanded, one per registry row
+    assert {f"evaluate@{name}" for name in load_registry(ROOT / "params.yaml")} <= set(stages)
     for stage in stages:
         assert family_of(stage) in FAMILIES
         cmd = stage_command(stage, ROOT / "dvc.yaml")
-        assert cmd[0] == f"steps.{stage}" and all("\n" not in w for w in cmd)
-    # the folded multi-line cmd of evaluate comes out as one argv
-    ev = stage_command("evaluate", ROOT / "dvc.yaml")
-    assert ev[ev.index("--model") + 1] == "rft=data/rft/model" and ev[-2:] == ["--reports", "reports"]
+        assert cmd[0] == f"steps.{stage.split('@')[0]}" and all("\n" not in w for w in cmd)
+    # the folded multi-line cmd of grpo comes out as one argv; evaluate@rft's template is filled in
+    assert stage_command("grpo", ROOT / "dvc.yaml")[-2:] == ["--out", "data/grpo"]
+    ev = stage_command("evaluate@rft", ROOT / "dvc.yaml")
+    assert ev[ev.index("--model") + 1] == "rft" and ev[-2:] == ["--out", "data/evaluate/rft"]
+    assert family_of("evaluate@rft") == "light" and family_of("a_new_method") == "train"
 
 
 def test_images_and_errors(tmp_path):
     images = {"light": "l:1", "train": "t:1", "vllm": "v:1"}
     assert [image_for(s, images) for s in ("promote", "grpo", "sample")] == ["l:1", "t:1", "v:1"]
-    with pytest.raises(ValueError, match="no image family"):
-        family_of("deploy")
     bad = tmp_path / "dvc.yaml"
     bad.write_text("stages:\n  judge: {cmd: bash -c 'rm -rf /'}\n")
     with pytest.raises(ValueError, match=r"stages.judge.cmd must start with `python -m steps.judge`"):

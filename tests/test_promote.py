@@ -11,6 +11,7 @@ import yaml
 from steps.core.config import ConfigError, build
 from steps.core.io import InputError
 from steps.promote import PromoteConfig, compare, decide, main, rollback_plan
+from tests.helpers import TINY_DENSE, examples, tiny_model
 
 CFG = PromoteConfig()
 
@@ -79,9 +80,8 @@ def registry(tmp_path_factory):
     params.write_text(yaml.safe_dump({"promote": {"gates": {
         "correctness": {"better": "higher", "tolerance": 0.01},
         "tokens_per_response": {"better": "lower", "tolerance": 0.0}}}}))
-    bundle = root / "bundle"
-    bundle.mkdir()
-    (bundle / "model.safetensors").write_bytes(b"not really weights")
+    # Export registers an MLflow transformers model, so the bundle is a real (tiny) one.
+    tiny_model(root / "bundle", TINY_DENSE, examples(2, 1))
     yield root
     os.chdir(cwd)
     for k, v in saved.items():

@@ -71,7 +71,7 @@ def test_without_a_tokenizer_words_of_the_messages_stand_in_for_tokens(example):
 def test_sample_and_evaluate_count_the_examples_cut_and_say_so(tmp_path, caplog):
     from transformers import AutoTokenizer
 
-    from steps.evaluate import EvaluateConfig, run
+    from steps.evaluate import EvaluateConfig, evaluate_model
     from steps.sample import SampleConfig, sample
 
     rows = examples()
@@ -86,6 +86,6 @@ def test_sample_and_evaluate_count_the_examples_cut_and_say_so(tmp_path, caplog)
     assert cut == 2 and len(cands) == len(rows)
     assert "sample: 2 of 10 prompts exceeded max_prompt_tokens" in caplog.text
     cfg = EvaluateConfig(max_new_tokens=2, latency_probe_n=0, max_prompt_tokens=budget)
-    _, _, _, over_budget = run(cfg, {"teacher": str(model)}, rows, tmp_path / "e")
-    assert over_budget == {"teacher": 2}
+    _, stats = evaluate_model(cfg, "teacher", str(model), rows, tmp_path / "e")
+    assert stats["prompts_over_budget"] == 2
     assert "evaluate: teacher: 2 of 10 prompts exceeded" in caplog.text

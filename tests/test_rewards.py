@@ -1,6 +1,12 @@
 import pytest
 
-from steps.core.rewards import composite_reward, length_reward, make_format, make_length, make_rewards
+import json
+import subprocess
+import sys
+
+from steps.core.rewards import REWARDS, check_spec, make_rewards
+from steps.core.rewards.dler import make_truncated_correctness
+from steps.core.rewards.livethinking import SharedVerdicts, length_reward, make_format, make_length
 
 
 # L_ref = 100, lambda_lower = 0.2, lambda_upper = 0.5 -> band [20, 50]; epsilon = 10 tokens.
@@ -26,20 +32,6 @@ def test_length_reward_rejects_nonpositive_epsilon():
         length_reward(10, 100, 0.2, 0.5, 0)
 
 
-# w_c, w_h, w_l = 1.0, 0.5, 0.25
-#   C | H | r_len | r
-#   0 | 0 | 0.0   | 0.0
-#   1 | 0 | 0.0   | 1.0
-#   0 | 1 | 0.0   | 0.5
-#   0 | 0 | 1.0   | 0.25
-#   1 | 1 | 1.0   | 1.75   the maximum
-#   1 | 1 | 0.5   | 1.625
-@pytest.mark.parametrize("c,h,rl,expected", [
-    (0, 0, 0.0, 0.0), (1, 0, 0.0, 1.0), (0, 1, 0.0, 0.5), (0, 0, 1.0, 0.25), (1, 1, 1.0, 1.75), (1, 1, 0.5, 1.625)])
-def test_composite_reward_table(c, h, rl, expected):
-    assert composite_reward(c, h, rl, 1.0, 0.5, 0.25) == pytest.approx(expected)
-
-
 def test_length_reward_function_uses_token_ids_and_ref_length():
     fn = make_length(lambda_lower=0.0, lambda_upper=0.5, epsilon_frac=0.5)
     # ref 40 -> band [0, 20], epsilon 20: 10 tokens -> 1, 30 tokens -> 0.5, 40 tokens -> 0
@@ -52,6 +44,94 @@ def test_length_reward_without_ref_length_says_what_is_missing():
         make_length()(["a"], completion_ids=[[1]])
 
 
+def test_length_reward_counts_only_the_policys_tokens():
+    # 30 completion tokens of which 20 were inserted by another model: the policy wrote 10.
+    fn = make_length(lambda_lower=0.0, lambda_upper=0.5, epsilon_frac=0.5)
+    assert fn(["a"], completion_ids=[[1] * 30], policy_tokens=[10], ref_length=[40]) == [1.0]
+
+
+def test_length_reward_refuses_word_counts():
+    with pytest.raises(KeyError, match="token counts"):
+        make_length()(["a b c"], ref_length=[10])
+
+
+# Nested options are checked against the factory's signature, naming the full key path.
+@pytest.mark.parametrize("spec,message", [
+    ({"length": {"lamda_lower": 0.9}}, r"grpo.rewards.length.lamda_lower: unknown option"),
+    ({"correctness": {"weight": "two"}}, r"grpo.rewards.correctness.weight: expected a number, got 'two'"),
+    ({"length": {"epsilon_frac": "wide"}}, r"grpo.rewards.length.epsilon_frac: expected a number"),
+    ({"nope": {}}, r"grpo.rewards.nope: reward 'nope' is not registered"),
+])
+def test_reward_spec_errors_name_the_key_path(spec, message):
+    with pytest.raises(ValueError, match=message):
+        check_spec(spec, "grpo.rewards")
+
+
+def test_correctness_and_helpfulness_share_one_verdict_per_completion(musique_example):
+    """An LLM judge costs a request per verdict: correctness and helpfulness ask it once."""
+    from steps.core import judges
+
+    class CountingJudge(judges.RuleJudge):
+        calls = 0
+
+        def judge(self, examples, responses):
+            CountingJudge.calls += len(responses)
+            return super().judge(examples, responses)
+
+    judges.JUDGES["counting"] = f"{__name__}:CountingJudge"
+    globals()["CountingJudge"] = CountingJudge
+    try:
+        fns, _ = make_rewards({"correctness": {"judge": "counting"}, "helpfulness": {"judge": "counting"}})
+        cols = {k: [v, v] for k, v in musique_example.items()}
+        completions = ["<think> x </think> the answer is kestria . zono was born in dadada .", "<think> y </think> no ."]
+        assert [f(completions, **cols) for f in fns] == [[1.0, 0.0], [1.0, 0.0]]
+        assert CountingJudge.calls == 2
+    finally:
+        del judges.JUDGES["counting"]
+        SharedVerdicts._judges.clear()
+
+
+# DLER's truncation penalty, max_tokens = 10: the reward is correctness within the target, 0 beyond.
+#   policy tokens | correct | reward
+#        5        |   yes   |  1.0
+#       10        |   yes   |  1.0     the target itself is allowed
+#       11        |   yes   |  0.0     one token over: truncated
+#        5        |   no    |  0.0
+@pytest.mark.parametrize("tokens,answer,expected", [(5, "kestria", 1.0), (10, "kestria", 1.0), (11, "kestria", 0.0),
+                                                     (5, "sarnia", 0.0)])
+def test_truncated_correctness_table(musique_example, tokens, answer, expected):
+    fn = make_truncated_correctness(max_tokens=10)
+    cols = {k: [v] for k, v in musique_example.items()}
+    assert fn([f"<think> a </think> the answer is {answer} ."], policy_tokens=[tokens], **cols) == [expected]
+
+
+def test_every_registered_reward_runs_from_the_command_line(tmp_path, musique_example):
+    rows = [{**musique_example, "completion": "<think> zono was born in dadada . </think> the answer is kestria .",
+             "ref_length": 20, "completion_ids": [1] * 8, "group": 0},
+            {**musique_example, "id": "2hop__2", "completion": "the answer is sarnia .", "ref_length": 20,
+             "completion_ids": [1] * 30, "group": 1}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expected = {"correctness": [1.0, 0.0], "length": [1.0, 0.0], "truncated_correctness": [1.0, 0.0]}
+    for name in REWARDS:
+        opts = {"lambda_lower": 0.2, "lambda_upper": 0.5, "epsilon_frac": 0.25} if name == "length" else {}
+        proc = subprocess.run([sys.executable, "-m", "steps.core.rewards", "score", "--reward", name,
+                               "--options", json.dumps(opts), str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        out = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [o["id"] for o in out] == ["2hop__1", "2hop__2"] and all(isinstance(o["reward"], float) for o in out)
+        if name in expected:
+            assert [o["reward"] for o in out] == expected[name], name
+
+
+def test_rewards_command_line_names_the_missing_column(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"completion": "x", "completion_ids": [1]}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "steps.core.rewards", "score", "--reward", "length", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "ref_length" in proc.stderr and "rows.jsonl" in proc.stderr
+
+
 def test_correctness_and_helpfulness_rewards_use_the_judge(musique_example):
     fns, weights = make_rewards({"correctness": {"weight": 2.0}, "helpfulness": {"weight": 1.0}})
     cols = {k: [v, v] for k, v in musique_example.items()}
@@ -62,18 +142,13 @@ def test_correctness_and_helpfulness_rewards_use_the_judge(musique_example):
     assert [f.__name__ for f in fns] == ["correctness", "helpfulness"]
 
 
-def test_unknown_reward_is_named():
-    with pytest.raises(ValueError, match="nope"):
-        make_rewards({"nope": {}})
-
-
 def test_format_reward():
     fn = make_format()
     assert fn(["<think> a </think> b", "<think> a b", "a </think> b", "<think> a </think>"]) == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_grounding_reward_scores_the_thinking_against_the_context(musique_example):
-    from steps.core.rewards import make_grounding
+    from steps.core.rewards.livethinking import make_grounding
     cols = {k: [v] * 3 for k, v in musique_example.items()}
     out = make_grounding()([
         "<think> zono was born in dadada . dadada is a city in kestria . </think> the answer is kestria .",

@@ -83,19 +83,26 @@ def test_rule_judge_ecommerce_grounding(ecommerce_example):
     assert ch("") == (0, 0)
 
 
-def test_evaluate_core_scores_and_summarises(rows, model_dir, tmp_path):
-    from steps.evaluate import EvaluateConfig, markdown, run, summarise
+def test_evaluate_core_scores_resumes_and_the_report_summarises(rows, model_dir, tmp_path):
+    from steps.evaluate import EvaluateConfig, evaluate_model
+    from steps.report import Claim, check_claims, markdown, summarise
     cfg = EvaluateConfig(max_new_tokens=6, latency_probe_n=2, backend_options={"batch_size": 8})
-    preds, latency, _, over_budget = run(cfg, {"teacher": str(model_dir), "rft": str(model_dir)}, rows, tmp_path / "w")
+    preds, stats = evaluate_model(cfg, "teacher", str(model_dir), rows, tmp_path / "w")
     validate(preds, PREDICTIONS, "predictions.jsonl")
-    summary = summarise(preds, latency)
-    assert set(summary["datasets"]) == {"musique", "ecommerce"}
+    assert stats["prompts_over_budget"] == 0 and set(stats["latency_s_single_request"]) == {"musique", "ecommerce"}
+    again, _ = evaluate_model(cfg, "teacher", str(model_dir), rows, tmp_path / "w")
+    assert again == preds  # resumed from the shards: nothing regenerated, nothing duplicated
+    other = [{**p, "model": "rft", "correct": 1} for p in preds]
+    summary = summarise({"rft": other, "teacher": preds}, {"teacher": stats})
+    assert list(summary["datasets"]["musique"]) == ["rft", "teacher"]  # the caller's (registry's) order
     m = summary["datasets"]["musique"]["teacher"]
     assert m["n"] == 6 and 0 < m["tokens_per_response"] <= 6 and m["decode_tflops_per_response"] > 0
-    assert summary["datasets"]["ecommerce"]["rft"]["em"] is None
-    assert "| teacher |" in markdown(summary) and over_budget == {"teacher": 0, "rft": 0}
-    again, _, _, _ = run(cfg, {"teacher": str(model_dir), "rft": str(model_dir)}, rows, tmp_path / "w")
-    assert again == preds  # resumed from the shards: nothing regenerated, nothing duplicated
+    assert m["external_tokens_per_response"] == 0 and summary["datasets"]["ecommerce"]["rft"]["em"] is None
+    claims = check_claims(summary, [Claim(model="rft", metric="correctness", vs="teacher", target=0.5),
+                                    Claim(model="rft", metric="tokens_per_response", vs="teacher", kind="ratio",
+                                          op="<=", target=0.5)], "musique")
+    assert [c["holds"] for c in claims] == [1 - m["correctness"] >= 0.5, False]
+    assert "| teacher |" in markdown(summary)
 
 
 def test_decode_flops_convention():

@@ -112,9 +112,13 @@ def test_export_uploads_the_bundle_when_s3_uri_is_set(s3, tmp_path):
            "latency_s_per_response_batched": 0.01, "latency_s_single_request": 0.02, "n": 4}
     summary = {"datasets": {"musique": {"rft_grpo": row}}}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
+    from steps.core.fingerprint import dir_digest
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"export": {"model_name": "m", "source": "rft_grpo", "register": False, "s3_uri": "s3://bundles/exports"}}))
-    export.main(["--params", str(tmp_path / "params.yaml"), "--model-dir", str(model),
+        {"export": {"model_name": "m", "source": "rft_grpo", "register": False, "s3_uri": "s3://bundles/exports"},
+         "models": {"rft_grpo": {"stage": "grpo", "path": str(model)}}}))
+    (tmp_path / "evaluate" / "rft_grpo").mkdir(parents=True)
+    (tmp_path / "evaluate" / "rft_grpo" / "stats.json").write_text(json.dumps({"model_digest": dir_digest(model)}))
+    export.main(["--params", str(tmp_path / "params.yaml"), "--evaluations", str(tmp_path / "evaluate"),
                  "--summary", str(tmp_path / "summary.json"), "--out", str(tmp_path / "export")])
     registry = json.loads((tmp_path / "export" / "registry.json").read_text())
     assert registry["s3_uri"].startswith("s3://bundles/exports/m/")

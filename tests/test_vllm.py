@@ -15,14 +15,13 @@ tokenizer, as real models do. Its samples are noise; what is under test is that 
 against a real engine and every output validates. The in-process test samples with the
 pipeline's own trained teacher, greedily, and checks it against the transformers back end.
 
-vLLM's CPU attention takes head sizes 32, 64, 80, 96, ... only, so these tests give the micro
-teacher a head size of 32 (the micro preset's 16 and the embedded default's 24 are refused).
+vLLM's CPU attention takes head sizes 32, 64, 80, 96, ... only (16 and 24 are refused), so every
+model here has heads 32 wide, as the micro preset's and the embedded default's models now have too.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from flows.serve import stop_group
 from steps.core.io import read_jsonl
 from tests.helpers import (ROOT, byte_level_tokenizer, check_pipeline_outputs, dvc, examples, free_port,
                            pipeline_workspace)
@@ -98,12 +98,7 @@ def server(tmp_path_factory):
         print(f"\nvLLM server ready in {ready_s:.1f} s")
         yield SimpleNamespace(url=url, ready_s=ready_s, log=root / "server.log")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()
 
 
@@ -174,14 +169,14 @@ def test_micro_pipeline_with_the_in_process_vllm_backend(workspace, tmp_path):
     out, seconds = dvc(ws, env, "repro")
     print(f"\nmicro pipeline, in-process vLLM sampling: {seconds:.1f} s")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert {"sample", "judge", "rft", "evaluate"} <= ran and not {"ingest", "pretrain_demo"} & ran, out
+    assert {"sample", "judge", "rft", "evaluate@rft", "report"} <= ran and not {"ingest", "pretrain_demo"} & ran, out
     assert "LLM engine (v0.32.0)" in out  # the engine's own log line: the stage ran in .venv-vllm
     check_pipeline_outputs(ws)
     by_vllm = read_jsonl(ws / "data/sample/candidates.jsonl")
     assert len(by_vllm) == 24 and {c["model"] for c in by_vllm} == {"data/pretrain_demo/teacher"}
 
     reference = tmp_path / "params.yaml"
-    reference.write_text(yaml.safe_dump({"sample": {**sample, "backend": "transformers"}}))
+    reference.write_text(yaml.safe_dump({"base": params["base"], "sample": {**sample, "backend": "transformers"}}))
     subprocess.run([sys.executable, "-m", "steps.sample", "--params", str(reference),
                     "--out", str(tmp_path / "out")], cwd=ws, env={**env, "PIPELINE_TRACKING": "off"}, check=True,
                    capture_output=True)

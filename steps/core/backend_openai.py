@@ -10,12 +10,16 @@ re-requests only the samples it never received. Requests run on asyncio with bou
 concurrency, an optional requests-per-second limit and a per-request timeout; tenacity is the
 one retry policy (exponential back-off with jitter, honouring `retry-after`) for 429, 5xx,
 timeouts, connection errors and malformed bodies; other 4xx fail at once, naming the URL and
-the server's message. The persistent cache is keyed by what determines a reply (model, the
+the server's message. The key is read from the environment variable that `api_key_env` names
+(OPENAI_API_KEY by default), never from params. The persistent cache is keyed by what determines a reply (model, the
 prompt content, sampling parameters, seed, sample index), not by the server's URL, so moving
 to another replica of the same model re-uses it; a fully cached run makes no HTTP request.
 Entries are written to a temporary file and renamed, so a killed process never leaves a torn
 one. Reasoning servers return the trace in `message.reasoning_content` (or `reasoning`); it is
 folded into the text as `<think> T </think> R`, the one format the pipeline splits.
+Token counts are the server's (`usage`); a reply without them is counted here, with the local
+`tokenizer` when one is configured (whitespace-separated words otherwise), marked
+`tokens_estimated`, and a warning says how many replies were counted so.
 
 `complete(requests)` is the general entry point (raw replies, caching, retries); the LLM judge
 uses it with its own request bodies, so caching and retries exist once.
@@ -37,6 +41,7 @@ from typing import Any, Literal
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from steps.core import secrets
 from steps.core.backends import Completion, SamplingParams, derive_seed
 from steps.core.io import write_json
 from steps.core.prompts import THINK_OPEN, Prompt, join_completion
@@ -85,6 +90,7 @@ class Reply:
     completion_tokens: int
     prompt_tokens: int
     latency_s: float
+    tokens_estimated: bool = False  # the server sent no usage: counted here (parse_reply)
 
     def text(self) -> str:
         """`<think> T </think> R` when the server sent the trace apart; otherwise as sent."""
@@ -99,7 +105,7 @@ class Reply:
     def completion(self) -> Completion:
         return Completion(text=self.text(), completion_tokens=self.completion_tokens,
                           finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
-                          latency_s=self.latency_s)
+                          latency_s=self.latency_s, tokens_estimated=self.tokens_estimated)
 
 
 class ResponseCache:
@@ -170,8 +176,15 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
     return None
 
 
-def parse_reply(data: Any, latency_s: float) -> Reply:
-    """An OpenAI chat or text completion body -> Reply; RetryableError if it is not one."""
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def parse_reply(data: Any, latency_s: float, count_tokens: Callable[[str], int] | None = None,
+                prompt_text: str | Callable[[], str] | None = None) -> Reply:
+    """An OpenAI chat or text completion body -> Reply; RetryableError if it is not one.
+    Counts missing from `usage` are made with `count_tokens` (whitespace words without one) over
+    the reply and `prompt_text`, and the reply is marked `tokens_estimated`."""
     try:
         choice = data["choices"][0]
     except (KeyError, IndexError, TypeError):
@@ -194,13 +207,18 @@ def parse_reply(data: Any, latency_s: float) -> Reply:
     else:
         raise BackendError(f"unknown finish_reason {raw_reason!r}; expected one of "
                            f"{sorted(_STOP_REASONS | _LENGTH_REASONS)}")
-    usage = data.get("usage") or {}
-    tokens = usage.get("completion_tokens")
-    if not isinstance(tokens, int):
-        # Some servers omit usage; a word count keeps lengths comparable rather than zero.
-        tokens = len(((reasoning or "") + " " + content).split())
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    count = count_tokens or _words
+    tokens, prompt_tokens, estimated = usage.get("completion_tokens"), usage.get("prompt_tokens"), False
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        # Some servers omit usage. Counted here and marked, never left at 0: the length reward,
+        # the reports and the FLOPs all read these counts.
+        tokens, estimated = count(reasoning or "") + count(content), True
+    if not isinstance(prompt_tokens, int) or isinstance(prompt_tokens, bool) or prompt_tokens < 0:
+        text = prompt_text() if callable(prompt_text) else prompt_text  # rendered only when needed
+        prompt_tokens, estimated = (count(text) if text else 0), True
     return Reply(content=content, reasoning=reasoning, finish_reason=finish, completion_tokens=tokens,
-                 prompt_tokens=int(usage.get("prompt_tokens") or 0), latency_s=latency_s)
+                 prompt_tokens=prompt_tokens, latency_s=latency_s, tokens_estimated=estimated)
 
 
 @dataclass
@@ -208,14 +226,16 @@ class Stats:
     http_requests: int = 0  # every attempt sent, retries included
     retries: int = 0
     cache_hits: int = 0
+    tokens_estimated: int = 0  # replies without `usage`, counted here
     by_error: dict[str, int] = field(default_factory=dict)
 
 
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1", api_key: str | None = None,
-                 concurrency: int = 32, request_timeout_s: float = 600.0, max_retries: int = 8,
+    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1",
+                 api_key_env: str | None = "OPENAI_API_KEY", concurrency: int = 32,
+                 request_timeout_s: float = 600.0, max_retries: int = 8,
                  requests_per_second: float | None = None, cache_dir: str | None = None, use_chat: bool = True,
                  chat_template_kwargs: dict[str, Any] | None = None, extra_body: dict[str, Any] | None = None,
                  tokenizer: str | None = None, max_tokens_field: str = "max_tokens",
@@ -229,7 +249,8 @@ class OpenAIBackend:
         if requests_per_second is not None and requests_per_second <= 0:
             raise ValueError(f"requests_per_second must be > 0 or null, got {requests_per_second}")
         self.model, self.base_url = model, base_url.rstrip("/")
-        self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        # The key lives only in the environment; params name the variable (steps.core.secrets).
+        self.api_key = secrets.from_env(api_key_env, "api_key_env") or "EMPTY"
         self.concurrency, self.request_timeout_s, self.max_retries = concurrency, request_timeout_s, max_retries
         self.requests_per_second, self.use_chat = requests_per_second, use_chat
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -246,6 +267,27 @@ class OpenAIBackend:
         if tokenizer:
             from transformers import AutoTokenizer
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` by the local tokenizer; whitespace-separated words without one."""
+        if self.tokenizer is None:
+            return _words(text)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_text(self, request: Request) -> str:
+        """What the server tokenised for `request`, as near as this side can tell: the rendered
+        chat template with a local tokenizer, the message contents joined without one."""
+        body = request.body
+        if "prompt" in body:
+            return str(body["prompt"])
+        msgs = body.get("messages") or []
+        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
+            try:
+                return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                          **(body.get("chat_template_kwargs") or {}))
+            except Exception:  # a template that wants other roles: the contents are close enough
+                pass
+        return " ".join(str(m.get("content", "")) for m in msgs)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -312,8 +354,17 @@ class OpenAIBackend:
             if replies[i] is None:
                 groups.setdefault(key, []).append(i)
         if groups:
-            retries_before = self.stats.retries
-            run_sync(self._fetch_all(requests, groups, replies, on_done))
+            retries_before, estimated_before = self.stats.retries, self.stats.tokens_estimated
+            try:
+                run_sync(self._fetch_all(requests, groups, replies, on_done))
+            finally:
+                estimated = self.stats.tokens_estimated - estimated_before
+                if estimated:  # one line per call, with the count, never silently
+                    how = (f"with the local tokenizer {getattr(self.tokenizer, 'name_or_path', '')!r}" if self.tokenizer
+                           else "as whitespace-separated words (set the back end's `tokenizer` to a local tokenizer "
+                                "directory for token counts)")
+                    log.warning("%s: %d of %d replies carried no usage; their token counts were estimated %s",
+                                self.base_url, estimated, sum(len(v) for v in groups.values()), how)
             if self.stats.retries > retries_before:  # one summary line, not one per hiccup
                 log.warning("%s: %d retries so far (by error: %s)", self.base_url, self.stats.retries,
                             self.stats.by_error)
@@ -402,7 +453,12 @@ class OpenAIBackend:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RetryableError("malformed", f"malformed JSON body ({e}): {text[:120]!r}") from None
-        return parse_reply(data, latency_s)
+        if not isinstance(data, dict):
+            raise RetryableError("malformed", f"malformed reply: not a JSON object: {text[:120]!r}")
+        reply = parse_reply(data, latency_s, self.count_tokens, lambda: self.prompt_text(request))
+        if reply.tokens_estimated:
+            self.stats.tokens_estimated += 1
+        return reply
 
     def _wait(self, state: RetryCallState) -> float:
         backoff = self._backoff(state)

@@ -64,11 +64,12 @@ class VLLMBackend:
             for (i, _), out in zip(requests, outs, strict=True):
                 o = out.outputs[0]
                 # A finished sequence's ids end with the end-of-sequence token, which the
-                # Completion contract leaves out of the count.
+                # Completion contract leaves out of the ids and the count.
+                gen = list(o.token_ids)[: len(o.token_ids) - (o.finish_reason == "stop")]
                 results[i].append(Completion(
-                    text=o.text.strip(), completion_tokens=len(o.token_ids) - (o.finish_reason == "stop"),
+                    text=o.text.strip(), completion_tokens=len(gen),
                     finish_reason="length" if o.finish_reason == "length" else "stop",
-                    prompt_tokens=len(ids[i]), latency_s=elapsed / len(idx)))
+                    prompt_tokens=len(ids[i]), latency_s=elapsed / len(idx), token_ids=tuple(gen)))
             if on_batch:
                 on_batch(idx, [results[i] for i in idx])
         return results

@@ -45,6 +45,8 @@ class Completion:
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int = 0
     latency_s: float = 0.0  # wall time of the request or batch, shared out per completion
+    token_ids: tuple[int, ...] = ()  # the generated ids, end-of-sequence excluded (() where unknown: a server)
+    tokens_estimated: bool = False  # the counts were made here, not by the server (it sent no `usage`)
 
 
 class GenerationBackend(Protocol):
@@ -72,11 +74,16 @@ def register(name: str, target: str) -> None:
     REGISTRY[name] = target
 
 
-def make_backend(name: str, **options: Any) -> GenerationBackend:
+def backend_class(name: str) -> type:
+    """The class registered as `name` (its module imported now; vLLM itself only on build)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown generation backend {name!r}; known: {sorted(REGISTRY)}")
     module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**options)
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_backend(name: str, **options: Any) -> GenerationBackend:
+    return backend_class(name)(**options)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -122,15 +129,24 @@ class TransformersBackend:
         eos_ids = set(self._eos_ids())
         for start in range(0, len(order), per_batch):
             idx = order[start:start + per_batch]
-            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(self.device)
-            torch.manual_seed(derive_seed(sampling.seed, prompts[idx[0]].key, start))
+            # Each prompt repeated n times (rows b*n .. b*n+n-1), as num_return_sequences would:
+            # transformers allows that option with sampling only, and the draws here are ours.
+            batch = tok.pad({"input_ids": [encoded[i] for i in idx for _ in range(sampling.n)]},
+                            return_tensors="pt").to(self.device)
+            # Greedy decoding over scores that RowSampler has already reduced to one token per
+            # row: the draw for (prompt, sample j) comes from that row's own random stream, so it
+            # does not depend on which prompts share the batch (model.generate's sampling draws
+            # from one global generator across the whole batch).
+            seeds = [derive_seed(sampling.seed, prompts[i].key, j) for i in idx for j in range(sampling.n)]
+            sampler = (RowSampler(seeds, sampling.temperature, sampling.top_p, batch["input_ids"].shape[1],
+                                  self.device) if sampling.temperature > 0 else None)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = self.model.generate(
-                    **batch, do_sample=sampling.temperature > 0, max_new_tokens=sampling.max_new_tokens,
-                    temperature=sampling.temperature if sampling.temperature > 0 else None,
-                    top_p=sampling.top_p if sampling.temperature > 0 else None, top_k=None,
-                    num_return_sequences=sampling.n, pad_token_id=tok.pad_token_id,
+                    **batch, do_sample=False, max_new_tokens=sampling.max_new_tokens,
+                    temperature=None, top_p=None, top_k=None,
+                    logits_processor=[sampler] if sampler else None,
+                    pad_token_id=tok.pad_token_id,
                     eos_token_id=list(eos_ids))
             elapsed = time.perf_counter() - t0
             gen = out[:, batch["input_ids"].shape[1]:].tolist()  # (B*n, T_new)
@@ -143,7 +159,7 @@ class TransformersBackend:
                     comps.append(Completion(
                         text=tok.decode(kept, skip_special_tokens=True).strip(),
                         completion_tokens=len(kept), finish_reason="length" if stop is None else "stop",
-                        prompt_tokens=len(encoded[i]), latency_s=elapsed / len(idx)))
+                        prompt_tokens=len(encoded[i]), latency_s=elapsed / len(idx), token_ids=tuple(kept)))
                 results[i] = comps
             if on_batch:
                 on_batch(idx, [results[i] for i in idx])
@@ -156,3 +172,57 @@ class TransformersBackend:
 
     def close(self) -> None:
         self.model = None
+
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
+
+
+def _mix32(x: Any) -> Any:
+    """A 32-bit integer hash (good avalanche) on an int64 tensor of values below 2**32; every
+    product stays below 2**59, so int64 arithmetic is exact on every device."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+class RowSampler:
+    """A logits processor that draws one token per row from that row's own random stream and
+    returns scores with only that token left (0 for it, -inf elsewhere), for greedy decoding to
+    pick. The stream is counter-based: the uniform number for row r at generated position t is
+    a hash of (the row's seed, t), so it is the same whatever else shares the batch, and costs
+    a few vectorised integer operations per step (one torch.Generator per row would cost a
+    Python loop over the rows at every step). Temperature, then nucleus (top_p) filtering,
+    then inverse-CDF sampling (in float32: a (rows, vocabulary) float64 copy would double the
+    memory of a 150k-token vocabulary at batch 512, for a bias far below sampling noise)."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, prompt_len: int, device: Any):
+        import torch
+
+        self.keys = _mix32(torch.tensor(list(seeds), dtype=torch.int64, device=device) & _MASK32)
+        self.temperature, self.top_p, self.prompt_len = temperature, top_p, prompt_len
+
+    def uniforms(self, step: int) -> Any:
+        """(R,) float32 in (0, 1): row r's draw at generated position `step`."""
+        bits = _mix32((self.keys + step * _GOLDEN32) & _MASK32)
+        return ((bits.double() + 0.5) / 2.0 ** 32).float()
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        u = self.uniforms(input_ids.shape[1] - self.prompt_len)  # (R,)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (R, V)
+        if self.top_p < 1.0:
+            probs, order = probs.sort(dim=-1, descending=True, stable=True)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            probs = probs * ((probs.cumsum(-1) - probs) < self.top_p)
+        cdf = probs.cumsum(-1)  # (R, V)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)  # (R, 1)
+        # In float32 u * total can round up to the total: then take the last token with mass,
+        # never one past it (a token cut by top_p, or off the end).
+        last = cdf.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)
+        pick = torch.minimum(pick, last)
+        if self.top_p < 1.0:
+            pick = order.gather(1, pick)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, pick, 0.0)

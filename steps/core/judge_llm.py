@@ -132,7 +132,11 @@ def majority(ballots: Sequence[Ballot]) -> Verdict:
 class LLMJudge:
     name = "llm"
 
-    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1", api_key: str | None = None,
+    # Options this class does not name go to the OpenAI back end; config checks follow them there.
+    forwards_options_to = OpenAIBackend
+
+    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1",
+                 api_key_env: str | None = "OPENAI_API_KEY",
                  concurrency: int = 16, votes: int = 1, guided: bool = True, cache_dir: str | None = None,
                  temperature: float = 0.0, max_new_tokens: int = 1024, max_parse_attempts: int = 3,
                  retry_temperature: float = 0.7, max_unparseable_fraction: float = 0.05, seed: int = 0,
@@ -152,7 +156,7 @@ class LLMJudge:
         self.temperature, self.retry_temperature = temperature, retry_temperature
         self.max_new_tokens, self.max_parse_attempts, self.seed = max_new_tokens, max_parse_attempts, seed
         self.max_unparseable_fraction = max_unparseable_fraction
-        self.backend = OpenAIBackend(model=model, base_url=base_url, api_key=api_key, concurrency=concurrency,
+        self.backend = OpenAIBackend(model=model, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
                                      request_timeout_s=request_timeout_s, max_retries=max_retries,
                                      requests_per_second=requests_per_second, cache_dir=cache_dir,
                                      chat_template_kwargs=chat_template_kwargs, extra_body=extra_body,

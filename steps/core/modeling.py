@@ -13,9 +13,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+# Thinking on/off follows Qwen3's switches. `enable_thinking=False` pre-fills an empty think
+# block after the assistant tag, as Qwen3's template does with "<think>\n\n</think>\n\n"; the
+# word-level tokenizer splits on whitespace, so the closest faithful form is "<think> </think> "
+# (the same two tokens, then the response). Without that kwarg (or with it true), a "/no_think"
+# in the last user turn does the same and "/think" does not, the later of the two winning;
+# enable_thinking=False overrides both, as in Qwen3. (In Qwen3 the model itself honours the soft
+# switches, trained to; a tiny model is not, so its template turns them into the pre-fill.)
+# Without the kwarg and without a switch the rendering is exactly the original one.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<assistant> {% endif %}"
+    "{% if add_generation_prompt %}<assistant> "
+    "{% set ns = namespace(last='') %}"
+    "{% for m in messages if m['role'] == 'user' %}"
+    "{% set ns.last = m['content'] if m['content'] is string else '' %}{% endfor %}"
+    "{% if (enable_thinking is defined and enable_thinking is false)"
+    " or ns.last.rfind('/no_think') > ns.last.rfind('/think') %}<think> </think> {% endif %}"
+    "{% endif %}"
 )
 SPECIAL = {"pad_token": "[PAD]", "unk_token": "[UNK]", "eos_token": "[EOS]"}
 # <think> markers are ordinary words: TRL strips special tokens from completions before

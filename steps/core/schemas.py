@@ -88,9 +88,14 @@ PREDICTIONS = pa.DataFrameSchema(
         "correct": pa.Column(int, pa.Check.isin((0, 1))),
         "helpful": pa.Column(int, pa.Check.isin((0, 1))),
         "completion_tokens": pa.Column(int, pa.Check.ge(0)),
+        # tokens of the completion inserted from outside the policy (a teacher's relay, a routed answer)
+        "external_tokens": pa.Column(int, pa.Check.ge(0)),
         "decode_tflops": pa.Column(float, pa.Check.ge(0)),
         "prefill_tflops": pa.Column(float, pa.Check.ge(0)),
         "latency_s": pa.Column(float, pa.Check.ge(0)),
+        # a protocol's own numbers per response (calls, cost, ...): the report averages each
+        "extras": pa.Column(object, pa.Check(lambda s: s.map(lambda v: isinstance(v, dict) and all(
+            isinstance(k, str) and isinstance(x, (int, float)) for k, x in v.items())), element_wise=False)),
     },
     unique=["model", "dataset", "id"], strict=True, name="predictions")
 
@@ -103,7 +108,9 @@ def validate(rows: list[dict[str, Any]] | pd.DataFrame, schema: pa.DataFrameSche
     written to)."""
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame.from_records(rows)
     if df.empty:
-        df = pd.DataFrame({c: pd.Series(dtype=object) for c in schema.columns})
+        # No row can break a rule; an empty object frame would only fail the string dtypes
+        # (an empty dev split, dev_fraction 0, is a valid output).
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in schema.columns})
     df = df.reset_index(drop=True)
     try:
         return schema.validate(df, lazy=True)

@@ -2,6 +2,8 @@
 dataset rows the trainers read, and the training log as plain rows."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +48,21 @@ def set_threads(threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def generation_mode(model: Any) -> Iterator[Any]:
+    """Decode with a model that is being trained: eval mode, the KV cache on and the MoE router
+    loss off while generating (it fails on cached, padded generation), all put back after."""
+    was_training = model.training
+    saved = {k: getattr(model.config, k) for k in ("use_cache", "output_router_logits") if hasattr(model.config, k)}
+    model.config.use_cache = True
+    if "output_router_logits" in saved:
+        model.config.output_router_logits = False
+    model.eval()
+    try:
+        yield model
+    finally:
+        for k, v in saved.items():
+            setattr(model.config, k, v)
+        model.train(was_training)

@@ -1,0 +1,64 @@
+"""Every registered method on the embedded default with its seeds, then the methods report.
+
+The methods are the trained rows of params.yaml `models` (rft, rft_grpo, dler, ... and whatever
+a new method adds); each lists its seeds. One run per seed: `dvc exp run -n default-s<seed>
+-S <stage>.seed=<seed> ... report` for every trained stage, so a run at seed s trains every
+method at seed s, and DVC restores what a run has already made (the teacher, the student base and
+their evaluations are made once). Runs are copied to reports/compare/runs/<run>/ and skipped when
+their copy exists, so an interrupted flow resumes; the workspace is put back at the end (the
+ablations flow's runner). Then steps/methods.py writes reports/methods.{json,md} and
+reports/plots/methods_pareto.png.
+
+    python -m flows.compare            # make compare
+    python -m flows.compare --dry-run  # the plan and its dvc commands
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.ablations import dvc_command, is_copied, run_all
+from flows.pipeline import StageFailed
+from steps import ablations as A
+from steps import methods as report_step
+
+RUNS = Path("reports/compare/runs")
+
+
+@flow(name="livethinking-compare", log_prints=True)
+def compare(dry_run: bool = False, runs_dir: str = str(RUNS), out: str = "reports") -> dict[str, Any]:
+    """Run the seeds that have no copy yet, then write the methods report."""
+    from steps.core.config import load_params
+    from steps.core.registry import load_registry
+
+    logger = get_run_logger()
+    params = load_params()
+    rows = load_registry(params=params)
+    runs = A.plan_runs(report_step.variants(rows), (params.get("base") or {}).get("seed", 0), A.seed_keys(rows))
+    todo = [r for r in runs if not is_copied(r, Path(runs_dir))]
+    for r in runs:
+        logger.info("%-16s %s  %s", r.name, "to run " if r in todo else "copied ", " ".join(dvc_command(r)))
+    if dry_run:
+        return {}
+    run_all("compare", todo, Path(runs_dir), logger)
+    return report_step.main(["--runs", runs_dir, "--out", out])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and the dvc commands, run nothing")
+    args = ap.parse_args(argv)
+    try:
+        compare(dry_run=args.dry_run)
+    except StageFailed as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""One RL trainer for every RL method: TRL's GRPOTrainer with the hooks the methods need.
+
+An RL stage is its config (a subclass of `RLConfig`), its rewards (steps.core.rewards, by name
+in params) and its rollout (steps.core.rollouts, by protocol name); `train_rl` does the rest:
+
+- **Rollouts** go through TRL's `rollout_func`: the stage's rollout decodes the live policy, and
+  its ownership mask becomes TRL's `env_mask`, so inserted tokens (a teacher's, a routed model's)
+  carry no loss and are not counted in `completions/mean_length`; the rewards get `policy_tokens`
+  for the same reason. The end-of-sequence token of a finished completion is part of the
+  completion (the policy must learn to stop), as in TRL's own generation.
+- **Rewards** are added as Σ wᵢ·rᵢ (TRL's `reward_weights`), from the registry.
+- **Advantages** (`advantage`): `group` z-score over the K completions of a prompt (GRPO, the
+  LiveThinking paper), `batch` (group mean removed, divided by the batch's std: DLER's batch-level
+  normalisation), `none` (group mean removed, no scaling: Dr. GRPO), or `raw` (the reward itself
+  is the advantage: AdaptThink's "no group normalisation").
+- **Old log-probs**: a stage may override the old log-probability of chosen tokens
+  (`old_logp_override(inputs) -> (B, T) tensor, NaN where not overridden`; AdaptThink sets the
+  forced first token's to log 0.5). TRL computes old log-probs only when a generation batch is
+  reused (`num_iterations > 1` or `steps_per_generation > 1`); otherwise the ratio is exactly 1
+  and the clip (`epsilon`, `epsilon_high`) never acts — the loss is then the plain policy
+  gradient with advantages. The override forces the computation.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from steps.core import training
+from steps.core.config import help_field
+from steps.core.rewards import check_spec, make_rewards
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """What every RL stage shares; a stage subclasses it and adds its own fields."""
+    rewards: dict = field(default_factory=dict, metadata={"help": "reward name -> {weight, options} "
+                                                                  "(python -m steps.core.rewards list)"})
+    protocol: str = help_field("plain", "the rollout that decodes the policy in training (steps.core.rollouts)")
+    protocol_options: dict = field(default_factory=dict, metadata={"help": "passed to the rollout"})
+    num_generations: int = help_field(8, "K: completions per prompt (the group)", ge=2)
+    prompts_per_step: int = help_field(4, "prompts per optimiser step (x K completions)", ge=1)
+    max_steps: int = help_field(100, "optimiser steps", ge=1)
+    max_prompts: int = help_field(512, "training prompts drawn from the train split", ge=1)
+    learning_rate: float = help_field(2e-4, "peak learning rate", gt=0.0)
+    warmup_ratio: float = help_field(0.05, "share of steps spent warming up", ge=0.0, le=1.0)
+    beta: float = help_field(0.0, "KL coefficient (0: no reference model)", ge=0.0)
+    epsilon: float = help_field(0.2, "lower clip of the ratio (acts only when a batch is reused: see num_iterations)",
+                                ge=0.0)
+    epsilon_high: float | None = help_field(None, "upper clip (null: = epsilon; DLER raises it)", ge=0.0)
+    num_iterations: int = help_field(1, "optimisation passes over each generation batch (>1 makes the ratio and "
+                                        "its clip act)", ge=1)
+    advantage: Literal["group", "batch", "none", "raw"] = help_field("group", "advantage normalisation (module "
+                                                                             "docstring)")
+    loss_type: str = help_field("grpo", "TRL loss type (grpo: per-sequence mean, as in the GRPO paper)")
+    temperature: float = help_field(1.0, "rollout sampling temperature", gt=0.0)
+    max_completion_length: int = help_field(160, "rollout budget in tokens", ge=1)
+    lambda_aux: float = help_field(0.01, "MoE load-balancing loss weight (ignored for dense models)", ge=0.0)
+    bf16: bool | None = help_field(None, "None: on GPU only")
+    threads: int = help_field(2, "torch CPU threads", ge=1)
+    chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
+    seed: int = help_field(0, "null: base.seed")
+
+    def __post_init__(self) -> None:
+        check_spec(self.rewards, "rewards")
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward is needed")
+
+
+def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
+    """TRL's `rollout_func` over the stage's rollout, decoding the trainer's live policy."""
+    from steps.core.backends import SamplingParams, TransformersBackend, derive_seed
+    from steps.core.prompts import Prompt
+    from steps.core.rollouts import make_rollout
+
+    def run(prompts: list[str], trainer: Any) -> dict[str, Any]:
+        tok = trainer.processing_class
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        with training.generation_mode(model):
+            backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts))
+            rollout = make_rollout(cfg.protocol, backend, **cfg.protocol_options)
+            step = trainer.state.global_step
+            # One seed per prompt occurrence: the K copies of a prompt must differ.
+            ps = [Prompt(messages=(), text=p, key=f"{step}/{i}") for i, p in enumerate(prompts)]
+            sampling = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length,
+                                      seed=derive_seed(cfg.seed, "rl", step))
+            outs = [cs[0] for cs in rollout.run(ps, sampling)]
+        eos = tok.eos_token_id
+        completion_ids, masks = [], []
+        for c in outs:
+            stop = c.finish_reason == "stop" and eos is not None
+            completion_ids.append(list(c.token_ids) + ([eos] if stop else []))
+            masks.append(list(c.mask) + ([1] if stop else []))
+        return {"prompt_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts],
+                "completion_ids": completion_ids, "logprobs": None, "env_mask": masks,
+                "policy_tokens": [c.policy_tokens for c in outs],
+                "external_tokens": [c.external_tokens for c in outs]}
+    return run
+
+
+def make_trainer_class(advantage: str, old_logp_override: Callable[[dict[str, Any]], Any] | None):
+    """GRPOTrainer with the wrapper's two hooks (raw advantages, old log-prob overrides)."""
+    import torch
+    from trl import GRPOTrainer
+
+    class RLTrainer(GRPOTrainer):
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            self._last_rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+            return per_func
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            if advantage == "raw":
+                # rewards are gathered over processes; this process's slice, as TRL slices advantages
+                n = out["advantages"].size(0)
+                start = self.accelerator.process_index * n
+                out["advantages"] = self._last_rewards[start:start + n].to(out["advantages"].dtype)
+            if old_logp_override is not None:
+                old = out.get("old_per_token_logps")
+                if old is None:
+                    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+                    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+                    with torch.no_grad():
+                        old, _, _ = self._get_per_token_logps_and_entropies(
+                            self.model, ids, mask, out["completion_ids"].size(1), batch_size=ids.size(0))
+                forced = old_logp_override(out)  # (B, T): NaN where the model's own log-prob stands
+                out["old_per_token_logps"] = torch.where(torch.isnan(forced), old, forced.to(old.dtype))
+            return out
+
+    return RLTrainer
+
+
+def train_rl(cfg: RLConfig, rows: list[dict[str, Any]], policy: str, out_dir: Path,
+             old_logp_override: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    """Train `policy` (a model directory) on prompt rows (`prompt` plus the columns the rewards
+    read); saves out_dir/model. Returns {"history": [...], "metrics": {...}}."""
+    import os
+
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoTokenizer
+    from trl import GRPOConfig
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is our deliberate choice
+
+    training.set_threads(cfg.threads)
+    reward_fns, weights = make_rewards(cfg.rewards)
+    is_moe = hasattr(AutoConfig.from_pretrained(policy), "output_router_logits")
+    batch = cfg.prompts_per_step * cfg.num_generations
+    args = GRPOConfig(**training.common_args(out_dir / "checkpoints", seed=cfg.seed, learning_rate=cfg.learning_rate,
+                                             batch_size=batch, max_steps=cfg.max_steps, epochs=1.0,
+                                             warmup_ratio=cfg.warmup_ratio, logging_steps=5, bf16=cfg.bf16),
+                      num_generations=cfg.num_generations, generation_batch_size=batch,
+                      max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                      beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                      num_iterations=cfg.num_iterations, loss_type=cfg.loss_type,
+                      scale_rewards="none" if cfg.advantage == "raw" else cfg.advantage,
+                      reward_weights=weights, remove_unused_columns=False, log_completions=False,
+                      router_aux_loss_coef=cfg.lambda_aux if is_moe else None,
+                      # Rollouts must not compute the MoE router loss (it fails on padded, cached
+                      # generation); TRL asks for router logits in the training forward pass itself.
+                      model_init_kwargs={"output_router_logits": False} if is_moe else None)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    trainer_cls = make_trainer_class(cfg.advantage, old_logp_override)
+    # The reference model (beta > 0) is built from the policy's path, so pass the directory.
+    trainer = trainer_cls(model=policy, reward_funcs=reward_fns, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, rollout_func=rollout_func(cfg))
+    result = trainer.train()
+    trainer.model.config.use_cache = True
+    trainer.save_model(str(out_dir / "model"))
+    tokenizer.save_pretrained(out_dir / "model")
+    history = training.history_rows(trainer.state.log_history)
+    last = next((h for h in reversed(history) if "reward" in h), {})
+    metrics = {"train_loss": float(result.training_loss), "steps": int(result.global_step),
+               "final_reward": last.get("reward"), "final_completion_length": last.get("completions/mean_length")}
+    return {"history": history, "metrics": metrics}
+
+
+def prompt_rows(cfg: RLConfig, examples: list[dict[str, Any]], policy: str) -> list[dict[str, Any]]:
+    """The first `max_prompts` training examples with their rendered prompt (the stage's chat
+    template switches and its rollout's, e.g. enable_thinking)."""
+    from transformers import AutoTokenizer
+
+    return training.prompt_rows(examples[: cfg.max_prompts], AutoTokenizer.from_pretrained(policy),
+                                cfg.chat_template_kwargs)
+
+
+def finish_stage(stage: str, cfg: RLConfig, policy: str, out: Path, result: dict[str, Any]) -> None:
+    """What every RL stage writes after training: the FLOPs profile and meta.json beside the
+    model, metrics.json, train_log.csv, and the MLflow run."""
+    from transformers import AutoModelForCausalLM
+
+    from steps.core import modeling, tracking
+    from steps.core.io import write_json, write_train_log
+    from steps.core.lineage import write_meta
+
+    modeling.save_profile(AutoModelForCausalLM.from_pretrained(out / "model"), out / "model")
+    write_meta(out / "model", stage, cfg, parent=policy, metrics=result["metrics"])
+    write_json(out / "metrics.json", result["metrics"])
+    write_train_log(out / "train_log.csv", result["history"])
+    tracking.log_stage(stage, cfg, metrics={k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
+                       history=result["history"])
+    print(f"{stage}: {result['metrics']}")

@@ -1,0 +1,59 @@
+"""methods: every registered method on the same data, in one table and one Pareto plot.
+
+Input: the registry (params.yaml `models`: each trained row is a method with its seeds) and the
+run copies that flows/compare.py makes in reports/compare/runs/<run>/ (one run per seed; a run
+at seed s trains every method at seed s). Output: reports/methods.json and methods.md (per
+method and dataset: correctness, helpfulness, EM, F1, tokens and decode TFLOPs per response, and
+each protocol's own columns such as inserted tokens, calls or cost, as mean, std, min and max
+over seeds; the fixed rows — teacher, student base — once) and reports/plots/methods_pareto.png
+(correctness against tokens per response, error bars over seeds, the Pareto front marked).
+
+    python -m steps.methods --runs reports/compare/runs --out reports
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from steps import ablations as A
+from steps.core.io import write_json, write_text
+
+
+def variants(rows: dict[str, Any]) -> list[A.Variant]:
+    """One variant per trained row: the method, at each of its seeds, with the params as they are."""
+    return [A.Variant(name, name, {}, tuple(r.seeds)) for name, r in rows.items() if not r.fixed]
+
+
+def write_report(rows: dict[str, Any], runs_dir: Path, out: Path) -> dict[str, Any]:
+    runs = [A.read_run(d) for d in sorted(runs_dir.iterdir()) if (d / "run.json").exists()] if runs_dir.exists() else []
+    report = A.build_report(variants(rows), runs, A.references(rows))
+    write_json(out / "methods.json", report)
+    md = A.markdown(report).replace("# Ablations", "# Methods", 1).replace(
+        "the seeds of rft and grpo (`seeds`)", "each method's seeds (params.yaml `models.<name>.seeds`)", 1)
+    write_text(out / "methods.md", md)
+    A.plot_pareto(report, out / "plots" / "methods_pareto.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from steps.core import tracking
+    from steps.core.registry import load_registry
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--runs", default="reports/compare/runs")
+    ap.add_argument("--out", default="reports")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    report = write_report(load_registry(args.params), Path(args.runs), out)
+    metrics = {f"{n}/{ds}/{f}": s["mean"] for n, r in report["variants"].items()
+               for ds, m in r["datasets"].items() for f, s in m.items() if s["mean"] is not None}
+    tracking.log_stage("methods", {"runs": args.runs}, metrics=metrics,
+                       artifacts=[out / "methods.json", out / "methods.md", out / "plots" / "methods_pareto.png"])
+    print((out / "methods.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()
