@@ -74,7 +74,8 @@ def score(example: dict[str, Any], verdict: Any, completion: Any, model: str,
     predicted = extract_answer(response)
     is_musique = example["dataset"] == "musique"
     n_tokens = len(completion.token_ids)
-    return {"model": model, "dataset": example["dataset"], "id": example["id"], "completion": completion.text,
+    return {"model": model, "dataset": example["dataset"], "id": example["id"], "hops": example["hops"],
+            "completion": completion.text,
             "response": response, "predicted_answer": predicted,
             "em": max_over(exact_match, predicted, example["answers"]) if is_musique else None,
             "f1": max_over(token_f1, predicted, example["answers"]) if is_musique else None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from steps.core.schemas import EXAMPLES, validate
 log = logging.getLogger(__name__)
 
 SOURCES = ("synthetic", "musique", "ecommerce")
+_HOPS_RE = re.compile(r"^(\d)hop")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class IngestConfig:
     musique_path: str | None = help_field(None, "official MuSiQue JSONL (source musique)")
     ecommerce_path: str | None = help_field(None, "e-commerce JSONL in the ePQA shape (source ecommerce)")
     synthetic_musique_n: int = help_field(2400, "synthetic multi-hop examples to generate", ge=1)
+    synthetic_hop_mix: dict = help_field(None, "share of synthetic MuSiQue questions per hop count (1-4), e.g. "
+                                               "{1: 0.25, 2: 0.35, 3: 0.25, 4: 0.15}; null: 2-hop only")
     synthetic_ecommerce_n: int = help_field(1200, "synthetic e-commerce examples to generate", ge=1)
     eval_fraction: float = help_field(0.1, "share of each dataset held out for evaluation", gt=0.0, lt=1.0)
     max_eval_per_dataset: int = help_field(200, "cap on eval examples per dataset (the rest go to train)", ge=1)
@@ -60,6 +64,10 @@ class IngestConfig:
                 raise ValueError(f"source {src} needs {src}_path")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        mix = self.synthetic_hop_mix or {}
+        if any(not isinstance(h, int) or not 1 <= h <= 4 or not isinstance(w, (int, float)) or w < 0
+               for h, w in mix.items()) or (mix and sum(mix.values()) <= 0):
+            raise ValueError(f"synthetic_hop_mix must map hop counts 1-4 to non-negative shares, got {mix}")
         if self.eval_fraction + self.dev_fraction >= 1.0:
             raise ValueError(f"eval_fraction + dev_fraction must be < 1, got {self.eval_fraction} + {self.dev_fraction}")
 
@@ -172,11 +180,15 @@ def parse_musique(rows: list[tuple[int, dict[str, Any]]], path: str,
                     raise s.fail("paragraph_support_idx", f"an index below {len(docs)}", idx)
                 helpful.append(idx)
         answers = [r.get("answer", str), *r.strings("answer_aliases", [])]
+        ex_id = r.get("id", str)
+        # The hop count: MuSiQue's ids carry it (2hop__, 3hop1__, 4hop3__); otherwise the decomposition's length.
+        m = _HOPS_RE.match(ex_id)
+        hops = int(m.group(1)) if m else max(1, len(steps))
         if not _answer_in(answers, docs):
             report.answer_not_in_paragraphs += 1
-        out.append({"id": r.get("id", str), "dataset": "musique", "documents": docs, "history": [],
+        out.append({"id": ex_id, "dataset": "musique", "documents": docs, "history": [],
                     "question": r.get("question", str), "answers": answers,
-                    "gold_doc_idxs": gold, "helpful_doc_idxs": helpful, "bridge": bridge})
+                    "gold_doc_idxs": gold, "helpful_doc_idxs": helpful, "bridge": bridge, "hops": hops})
         report.origins.append((path, lineno))
     report.skipped_unanswerable += skipped
     return out, skipped
@@ -225,7 +237,8 @@ def parse_ecommerce(rows: list[tuple[int, dict[str, Any]]], path: str,
         qid = r.get("qid", (str, int))
         out.append({"id": str(qid), "dataset": "ecommerce", "documents": docs, "history": _history(r),
                     "question": r.get("question", str), "answers": r.strings("reference_answers", []),
-                    "gold_doc_idxs": gold, "helpful_doc_idxs": helpful, "bridge": []})
+                    "gold_doc_idxs": gold, "helpful_doc_idxs": helpful, "bridge": [],
+                    "hops": 1})  # one attribute document answers a product question
         report.origins.append((path, lineno))
     return out
 
@@ -283,7 +296,7 @@ def ingest(cfg: IngestConfig) -> tuple[list[dict], list[dict], list[dict], dict[
         origins.extend(report.origins)
 
     if "synthetic" in cfg.sources:
-        raw["musique_synthetic.jsonl"] = synth.musique_rows(cfg.synthetic_musique_n, cfg.seed)
+        raw["musique_synthetic.jsonl"] = synth.musique_rows(cfg.synthetic_musique_n, cfg.seed, cfg.synthetic_hop_mix)
         raw["ecommerce_synthetic.jsonl"] = synth.ecommerce_rows(cfg.synthetic_ecommerce_n, cfg.seed)
         report = SourceReport("synthetic musique", "musique")
         ex, _ = parse_musique(list(enumerate(raw["musique_synthetic.jsonl"], 1)), report.path, report)

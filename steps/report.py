@@ -47,12 +47,35 @@ class ReportConfig:
         return [build(Claim, c, f"{where}.claims[{i}]") for i, c in enumerate(self.claims)]
 
 
-def summarise(preds: dict[str, list[dict[str, Any]]], stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """{datasets: {dataset: {model: figures}}}, models in the order of `preds`."""
-    def mean(rows: list[dict[str, Any]], key: str) -> float | None:
-        vals = [r[key] for r in rows if r.get(key) is not None]
-        return statistics.fmean(vals) if vals else None
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(vals) if vals else None
 
+
+def think_ratio(rows: list[dict[str, Any]]) -> float | None:
+    """The share of responses with a non-empty thinking (hybrid thinking's measure)."""
+    from steps.core.prompts import split_completion
+
+    return statistics.fmean(bool(split_completion(r["completion"])[0].strip()) for r in rows) if rows else None
+
+
+def by_hops(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The headline figures per hop count (only where a dataset has more than one)."""
+    hops = sorted({r["hops"] for r in rows})
+    if len(hops) < 2:
+        return {}
+    out = {}
+    for h in hops:
+        part = [r for r in rows if r["hops"] == h]
+        out[str(h)] = {"correctness": _mean(part, "correct"), "helpfulness": _mean(part, "helpful"),
+                       "em": _mean(part, "em"), "tokens_per_response": _mean(part, "completion_tokens"),
+                       "think_ratio": think_ratio(part), "n": len(part)}
+    return out
+
+
+def summarise(preds: dict[str, list[dict[str, Any]]], stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{datasets: {dataset: {model: figures}}}, models in the order of `preds`; each model's
+    figures hold `by_hops` (figures per hop count) where the dataset mixes hop counts."""
     out: dict[str, Any] = {"datasets": {}}
     datasets = sorted({p["dataset"] for rows in preds.values() for p in rows})
     for ds in datasets:
@@ -63,16 +86,18 @@ def summarise(preds: dict[str, list[dict[str, Any]]], stats: dict[str, dict[str,
                 continue
             extras = sorted({k for r in rows for k in r.get("extras", {})})
             out["datasets"][ds][model] = {
-                "correctness": mean(rows, "correct"), "helpfulness": mean(rows, "helpful"),
-                "em": mean(rows, "em"), "f1": mean(rows, "f1"),
-                "tokens_per_response": mean(rows, "completion_tokens"),
-                "external_tokens_per_response": mean(rows, "external_tokens"),
-                "decode_tflops_per_response": mean(rows, "decode_tflops"),
-                "prefill_tflops_per_response": mean(rows, "prefill_tflops"),
-                "latency_s_per_response_batched": mean(rows, "latency_s"),
+                "correctness": _mean(rows, "correct"), "helpfulness": _mean(rows, "helpful"),
+                "em": _mean(rows, "em"), "f1": _mean(rows, "f1"),
+                "tokens_per_response": _mean(rows, "completion_tokens"),
+                "external_tokens_per_response": _mean(rows, "external_tokens"),
+                "decode_tflops_per_response": _mean(rows, "decode_tflops"),
+                "prefill_tflops_per_response": _mean(rows, "prefill_tflops"),
+                "latency_s_per_response_batched": _mean(rows, "latency_s"),
                 "latency_s_single_request": (stats.get(model, {}).get("latency_s_single_request") or {}).get(ds),
+                "think_ratio": think_ratio(rows),
                 "n": len(rows),
-                **{f"extras/{k}": statistics.fmean(r["extras"].get(k, 0.0) for r in rows) for k in extras}}
+                **{f"extras/{k}": statistics.fmean(r["extras"].get(k, 0.0) for r in rows) for k in extras},
+                "by_hops": by_hops(rows)}
     return out
 
 
@@ -109,6 +134,15 @@ def markdown(summary: dict[str, Any]) -> str:
                          f"{fmt(s['decode_tflops_per_response'] * 1e3, digits=3)} | {fmt(lat)} | {s['n']} |"
                          + "".join(f" {fmt(s.get(k), digits=3)} |" for k in extras))
         lines.append("")
+        hop_rows = [(m, h, f) for m, s in models.items() for h, f in s.get("by_hops", {}).items()]
+        if hop_rows:
+            lines += [f"#### {ds} by hop count", "",
+                      "| model | hops | correct % | helpful % | EM % | tokens/response | think % | n |",
+                      "|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {m} | {h} | {fmt(f['correctness'], True)} | {fmt(f['helpfulness'], True)} | "
+                      f"{fmt(f['em'], True)} | {fmt(f['tokens_per_response'])} | {fmt(f['think_ratio'], True)} | "
+                      f"{f['n']} |" for m, h, f in hop_rows]
+            lines.append("")
     for ds, checks in (summary.get("claims") or {}).items():
         if checks:
             lines += [f"### Claims on the {ds} eval set", "", "| claim | measured | target | holds |", "|---|---|---|---|"]

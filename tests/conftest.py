@@ -39,7 +39,7 @@ def musique_example() -> dict:
             "documents": ["zono works in dakasu .", "dadada is a city in kestria .", "zono was born in dadada .",
                           "dakasu is a city in sarnia ."],
             "history": [], "question": "in which country was zono born ?", "answers": ["kestria"],
-            "gold_doc_idxs": [1, 2], "helpful_doc_idxs": [2], "bridge": ["dadada"]}
+            "gold_doc_idxs": [1, 2], "helpful_doc_idxs": [2], "bridge": ["dadada"], "hops": 2}
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def ecommerce_example() -> dict:
     return {"id": "e1", "dataset": "ecommerce",
             "documents": ["the tolka lamp is green .", "the vimbo lamp is red .", "the tolka lamp is made of glass ."],
             "history": [{"role": "user", "content": "the tolka lamp ."}], "question": "what color is it ?",
-            "answers": ["the tolka lamp is green ."], "gold_doc_idxs": [0], "helpful_doc_idxs": [2], "bridge": []}
+            "answers": ["the tolka lamp is green ."], "gold_doc_idxs": [0], "helpful_doc_idxs": [2], "bridge": [], "hops": 1}
 
 
 @pytest.fixture

@@ -184,3 +184,37 @@ def test_an_empty_id_is_refused_at_its_line(qid):
     row = {"qid": qid, "question": "q ?", "documents": [{"text": "a doc", "label": 2}]}
     with pytest.raises(InputError, match=r"^f: line 7: field 'qid': expected a non-empty string"):
         parse_ecommerce([(7, row)], "f")
+
+
+def test_synthetic_hop_mix_gives_consistent_chains_of_each_length():
+    from collections import Counter
+
+    from steps.core import synth
+    rows = synth.musique_rows(400, 0, {1: 0.25, 2: 0.35, 3: 0.25, 4: 0.15})
+    ex, _ = parse_musique(list(enumerate(rows, 1)), "synthetic")
+    counts = Counter(e["hops"] for e in ex)
+    assert set(counts) == {1, 2, 3, 4} and counts[2] > counts[4]  # roughly the asked shares
+    for raw, e in zip(rows, ex):
+        steps = raw["question_decomposition"]
+        assert e["hops"] == len(steps) == int(raw["id"][0])  # the id carries the hop count, as MuSiQue's do
+        assert steps[-1]["answer"] == raw["answer"] and e["bridge"] == [s["answer"] for s in steps[:-1]]
+        # every hop is supported by its own document, which names the previous hop's answer
+        for h, s in enumerate(steps):
+            doc = raw["paragraphs"][s["paragraph_support_idx"]]["paragraph_text"]
+            assert s["answer"] in doc.split() and (h == 0 or steps[h - 1]["answer"] in doc.split())
+        assert len(raw["paragraphs"]) > len(steps)  # lures beside the supporting documents
+    assert synth.musique_rows(50, 0) == synth.musique_rows(50, 0, {2: 1.0})  # default: 2-hop only
+    with pytest.raises(ValueError, match="hop_mix"):
+        synth.musique_rows(5, 0, {5: 1.0})
+
+
+def test_hops_come_from_musique_ids_and_ecommerce_is_one_hop(shared_data):
+    from collections import Counter
+    m, _ = parse_musique([(i, json.loads(line)) for i, line in
+                          enumerate((shared_data / "musique_dev_sample.jsonl").open(), 1)], "musique")
+    by_prefix = Counter((e["id"].split("__")[0], e["hops"]) for e in m)
+    assert all(int(prefix[0]) == hops for prefix, hops in by_prefix)  # 2hop -> 2, 3hop1 -> 3, 4hop3 -> 4
+    assert {h for _, h in by_prefix} >= {2, 3, 4}
+    e = parse_ecommerce([(i, json.loads(line)) for i, line in
+                         enumerate((shared_data / "epqa_dev_sample.jsonl").open(), 1)], "epqa")
+    assert {x["hops"] for x in e} == {1}

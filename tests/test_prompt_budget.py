@@ -20,7 +20,7 @@ def example() -> dict:
     return {"id": "x1", "dataset": "musique", "question": "where was zono born ?",
             "history": [{"role": "user", "content": "tell me about zono ."}],
             "documents": ["zono was born in dadada .", "kestria is far .", "zono works in dakasu .", "cats sleep ."],
-            "answers": ["dadada"], "gold_doc_idxs": [0], "helpful_doc_idxs": [], "bridge": []}
+            "answers": ["dadada"], "gold_doc_idxs": [0], "helpful_doc_idxs": [], "bridge": [], "hops": 1}
 
 
 def test_relevance_order_is_by_overlap_with_question_and_history_then_later_first(example):

@@ -5,12 +5,12 @@ from steps.core.io import InputError
 from steps.core.schemas import CANDIDATES, EXAMPLES, JUDGED, PREDICTIONS, validate
 
 EXAMPLE = {"id": "a", "dataset": "musique", "documents": ["x y ."], "history": [], "question": "q ?",
-           "answers": ["y"], "gold_doc_idxs": [0], "helpful_doc_idxs": [], "bridge": []}
+           "answers": ["y"], "gold_doc_idxs": [0], "helpful_doc_idxs": [], "bridge": [], "hops": 1}
 CANDIDATE = {"id": "a", "dataset": "musique", "sample_idx": 0, "completion": "<think> t </think> r", "thinking": "t",
              "response": "r", "completion_tokens": 5, "finish_reason": "stop", "model": "teacher"}
 JUDGED_ROW = {**CANDIDATE, "correct": 1, "helpful": 0, "rationale": "why", "keep": False}
 PREDICTION = {"model": "rft", "dataset": "musique", "id": "a", "completion": "c", "response": "r",
-              "predicted_answer": "y", "em": 1.0, "f1": 1.0, "correct": 1, "helpful": 0, "completion_tokens": 3, "external_tokens": 0, "extras": {},
+              "hops": 1, "predicted_answer": "y", "em": 1.0, "f1": 1.0, "correct": 1, "helpful": 0, "completion_tokens": 3, "external_tokens": 0, "extras": {},
               "decode_tflops": 1e-6, "prefill_tflops": 1e-6, "latency_s": 0.01}
 
 

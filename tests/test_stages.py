@@ -44,7 +44,9 @@ def test_sample_core_resumes_without_duplicates(rows, model_dir, tmp_path):
     validate(again, CANDIDATES, "candidates.jsonl")
     assert [(r["id"], r["sample_idx"]) for r in again] == [(e["id"], j) for e in rows for j in range(3)]
     assert again[:12] == first
-    assert all(0 < r["completion_tokens"] <= 8 for r in again) and over_budget == 0
+    # An untrained model may end a sample at once (EOS first): only the budget is exact.
+    assert all(r["completion_tokens"] <= 8 for r in again) and sum(r["completion_tokens"] for r in again) > 0
+    assert over_budget == 0
 
 
 def test_transformers_backend_greedy_is_deterministic(rows, model_dir):
@@ -111,3 +113,23 @@ def test_decode_flops_convention():
     # 3 tokens after a 4-token prompt: contexts 5, 6, 7 -> 3*2*1000 + 2*2*8*(5+6+7)
     assert decode_flops(prof, 4, 3) == 6000 + 32 * 18
     assert prefill_flops(prof, 2) == 2 * 1000 * 2 + 2 * 2 * 8 * 3
+
+
+def test_summary_reports_each_hop_count_and_the_think_ratio():
+    from steps.report import markdown, summarise
+
+    def pred(i, hops, correct, completion):
+        return {"model": "m", "dataset": "musique", "id": str(i), "hops": hops, "completion": completion,
+                "correct": correct, "helpful": 0, "em": float(correct), "f1": float(correct),
+                "completion_tokens": len(completion.split()), "external_tokens": 0, "decode_tflops": 0.0,
+                "prefill_tflops": 0.0, "latency_s": 0.0, "extras": {}}
+    rows = [pred(0, 1, 1, "<think> </think> a"), pred(1, 1, 0, "<think> x y </think> b"),
+            pred(2, 3, 1, "<think> x y z </think> c"), pred(3, 3, 1, "<think> x </think> d")]
+    s = summarise({"m": rows}, {})["datasets"]["musique"]["m"]
+    assert s["think_ratio"] == 0.75  # three of four responses think (an empty block does not count)
+    assert s["by_hops"]["1"] == {"correctness": 0.5, "helpfulness": 0.0, "em": 0.5, "tokens_per_response": 4.0,
+                                 "think_ratio": 0.5, "n": 2}
+    assert s["by_hops"]["3"]["correctness"] == 1.0 and s["by_hops"]["3"]["think_ratio"] == 1.0
+    assert "#### musique by hop count" in markdown({"datasets": {"musique": {"m": s}}})
+    # one hop count only (e-commerce): no per-hop block
+    assert summarise({"m": rows[:2]}, {})["datasets"]["musique"]["m"]["by_hops"] == {}

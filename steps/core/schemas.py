@@ -46,6 +46,7 @@ EXAMPLES = pa.DataFrameSchema(
         "gold_doc_idxs": pa.Column(object, _list_of(int)),
         "helpful_doc_idxs": pa.Column(object, _list_of(int)),
         "bridge": pa.Column(object, _list_of(str)),
+        "hops": pa.Column(int, pa.Check.ge(1)),  # reasoning steps (MuSiQue: from the id; e-commerce: 1)
     },
     checks=[pa.Check(lambda df: df.apply(lambda r: all(0 <= i < len(r["documents"])
                                                        for i in r["gold_doc_idxs"] + r["helpful_doc_idxs"]), axis=1),
@@ -80,6 +81,7 @@ PREDICTIONS = pa.DataFrameSchema(
         "model": pa.Column(str, _NONEMPTY),
         "dataset": pa.Column(str, pa.Check.isin(DATASETS)),
         "id": pa.Column(str, _NONEMPTY),
+        "hops": pa.Column(int, pa.Check.ge(1)),  # the example's, for per-hop reporting
         "completion": pa.Column(str),
         "response": pa.Column(str),
         "predicted_answer": pa.Column(str),

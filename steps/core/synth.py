@@ -42,39 +42,87 @@ class World:
         self.country_of = {c: rng.choice(COUNTRIES) for c in self.cities}
 
 
-def _musique_row(world: World, rng: random.Random, i: int) -> dict[str, Any]:
-    p, q, lure_p = rng.sample(world.people, 3)
-    c, c2, c3 = rng.sample(world.cities, 3)
-    while world.country_of[c2] == world.country_of[c]:
-        c2 = rng.choice(world.cities)
-    kind = rng.choice(("born", "works", "spouse"))
-    if kind == "born":
-        question = f"in which country was {p} born ?"
-        hops = [(f"where was {p} born ?", c, f"{p} was born in {c} ."),
-                (f"which country is #1 in ?", world.country_of[c], f"{c} is a city in {world.country_of[c]} .")]
-        lures = [f"{p} works in {c2} .", f"{c2} is a city in {world.country_of[c2]} .",
-                 f"{lure_p} was born in {c3} ."]
-    elif kind == "works":
-        question = f"in which country does {p} work ?"
-        hops = [(f"where does {p} work ?", c, f"{p} works in {c} ."),
-                (f"which country is #1 in ?", world.country_of[c], f"{c} is a city in {world.country_of[c]} .")]
-        lures = [f"{p} was born in {c2} .", f"{c2} is a city in {world.country_of[c2]} .",
-                 f"{lure_p} works in {c3} ."]
-    else:
-        question = f"in which city was the spouse of {p} born ?"
-        hops = [(f"who is the spouse of {p} ?", q, f"{p} is married to {q} ."),
-                (f"where was #1 born ?", c, f"{q} was born in {c} .")]
-        lures = [f"{q} works in {c2} .", f"{p} was born in {c3} .", f"{lure_p} was born in {c2} ."]
-    n_lures = rng.randint(1, 2)
-    texts = [(h[2], True) for h in hops] + [(t, False) for t in rng.sample(lures, n_lures)]
+# Relations of the synthetic world: (subject kind, object kind, the fact, the decomposition
+# question, the noun phrase that refers to the object in a composed question).
+_RELATIONS = {
+    "spouse": ("person", "person", "{a} is married to {b} .", "who is the spouse of {a} ?", "the spouse of {a}"),
+    "mentor": ("person", "person", "{a} is mentored by {b} .", "who mentors {a} ?", "the mentor of {a}"),
+    "born": ("person", "city", "{a} was born in {b} .", "where was {a} born ?", None),
+    "works": ("person", "city", "{a} works in {b} .", "where does {a} work ?", None),
+    "country": ("city", "country", "{a} is a city in {b} .", "which country is {a} in ?", None),
+}
+# Chains by hop count, read left to right from the question's person (MuSiQue's 2-, 3- and
+# 4-hop shapes, plus 1-hop questions that one document answers: they need no reasoning chain).
+CHAINS = {
+    1: (("born",), ("works",), ("spouse",), ("mentor",)),
+    2: (("born", "country"), ("works", "country"), ("spouse", "born"), ("mentor", "works")),
+    3: (("spouse", "born", "country"), ("mentor", "works", "country"), ("spouse", "mentor", "born"),
+        ("mentor", "spouse", "works")),
+    4: (("spouse", "mentor", "born", "country"), ("mentor", "spouse", "works", "country")),
+}
+# MuSiQue's id prefixes (the official ids carry the hop count: 2hop__, 3hop1__, 4hop3__, ...).
+_ID_PREFIX = {1: "1hop", 2: "2hop", 3: "3hop1", 4: "4hop1"}
+
+
+def _question(chain: tuple[str, ...], p: str) -> str:
+    """The composed question: nested noun phrases for the person hops, then the last relation."""
+    phrase = p
+    persons = [r for r in chain if _RELATIONS[r][1] == "person"]
+    for r in persons:
+        phrase = _RELATIONS[r][4].format(a=phrase)
+    rest = chain[len(persons):]
+    if not rest:  # 1-hop about a person, e.g. "who is the spouse of kalo ?"
+        return _RELATIONS[chain[0]][3].format(a=p)
+    verb = "was {x} born" if rest[0] == "born" else "does {x} work"
+    where = "country" if rest[-1] == "country" else "city"
+    return f"in which {where} {verb.format(x=phrase)} ?"
+
+
+def _musique_row(world: World, rng: random.Random, i: int, hops: int) -> dict[str, Any]:
+    chain = rng.choice(CHAINS[hops])
+    people = rng.sample(world.people, 6)
+    entities, supports, lures = [people[0]], [], []
+    spare_people = people[3:]
+    for r in chain:
+        kind_a, kind_b, fact, _, _ = _RELATIONS[r]
+        a = entities[-1]
+        if kind_b == "person":
+            b = next(x for x in people[1:3] + spare_people if x not in entities)
+        elif kind_b == "city":
+            b = rng.choice(world.cities)
+        else:
+            b = world.country_of[a]
+        entities.append(b)
+        supports.append(fact.format(a=a, b=b))
+        # Lures: the same subject under a sibling relation, or the same relation about someone else.
+        if kind_a == "person":
+            sibling = {"spouse": "mentor", "mentor": "spouse", "born": "works", "works": "born"}[r]
+            if sibling == "spouse" and "spouse" in chain:  # marriage is symmetric: keep the world consistent
+                sibling = "born" if kind_b == "city" else "mentor"
+                if sibling == r:
+                    sibling = "works"
+            other = (rng.choice([x for x in world.cities if x != b]) if kind_b == "city"
+                     else rng.choice([x for x in spare_people if x not in entities] or spare_people))
+            lures.append(_RELATIONS[sibling][2].format(a=a, b=other))
+            # Never about a chain entity: "x is married to <chain person>" would make the
+            # symmetric spouse relation ambiguous.
+            strangers = [x for x in world.people if x not in entities and x != other]
+            stranger, obj = rng.sample(strangers, 2)
+            lures.append(fact.format(a=stranger, b=rng.choice(world.cities) if kind_b == "city" else obj))
+        else:
+            c2 = rng.choice([x for x in world.cities if world.country_of[x] != b])
+            lures.append(_RELATIONS["country"][2].format(a=c2, b=world.country_of[c2]))
+    n_lures = min(len(lures), rng.randint(1, 2))
+    texts = [(t, True) for t in supports] + [(t, False) for t in rng.sample(lures, n_lures)]
     rng.shuffle(texts)
     paragraphs = [{"idx": j, "title": t.split()[0], "paragraph_text": t, "is_supporting": s}
                   for j, (t, s) in enumerate(texts)]
     idx_of = {t: j for j, (t, _) in enumerate(texts)}
-    decomposition = [{"id": 1000 * i + h, "question": hq, "answer": ha, "paragraph_support_idx": idx_of[ht]}
-                     for h, (hq, ha, ht) in enumerate(hops)]
-    return {"id": f"2hop__synth{i:06d}", "paragraphs": paragraphs, "question": question,
-            "question_decomposition": decomposition, "answer": hops[-1][1],
+    decomposition = [{"id": 1000 * i + h, "question": _RELATIONS[r][3].format(a=entities[h] if h == 0 else f"#{h}"),
+                      "answer": entities[h + 1], "paragraph_support_idx": idx_of[supports[h]]}
+                     for h, r in enumerate(chain)]
+    return {"id": f"{_ID_PREFIX[hops]}__synth{i:06d}", "paragraphs": paragraphs, "question": _question(chain, people[0]),
+            "question_decomposition": decomposition, "answer": entities[-1],
             "answer_aliases": [], "answerable": True}
 
 
@@ -124,10 +172,15 @@ def _ecommerce_row(rng: random.Random, i: int) -> dict[str, Any]:
             "partial_answers": []}
 
 
-def musique_rows(n: int, seed: int) -> list[dict[str, Any]]:
+def musique_rows(n: int, seed: int, hop_mix: dict[int, float] | None = None) -> list[dict[str, Any]]:
+    """`n` examples; `hop_mix` maps a hop count (1-4) to its share (default: 2-hop only)."""
     world = World(seed)
     rng = random.Random(f"musique-{seed}")
-    return [_musique_row(world, rng, i) for i in range(n)]
+    mix = hop_mix or {2: 1.0}
+    if not mix or any(h not in CHAINS for h in mix) or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"hop_mix must map hop counts in {sorted(CHAINS)} to non-negative shares, got {mix}")
+    hops, weights = zip(*sorted(mix.items()))
+    return [_musique_row(world, rng, i, rng.choices(hops, weights)[0]) for i in range(n)]
 
 
 def ecommerce_rows(n: int, seed: int) -> list[dict[str, Any]]:
