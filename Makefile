@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 VLLM_VENV := .venv-vllm
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The flows start an ephemeral Prefect API server; its 20 s default start-up timeout fails on a
+# loaded 2-core machine ("Timed out while attempting to connect to ephemeral Prefect API server").
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 
