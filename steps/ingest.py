@@ -179,6 +179,9 @@ def parse_musique(rows: list[tuple[int, dict[str, Any]]], path: str,
                 if not 0 <= idx < len(docs):
                     raise s.fail("paragraph_support_idx", f"an index below {len(docs)}", idx)
                 helpful.append(idx)
+        if not bridge and steps:  # 1 hop: the fact that answers it is what a helpful response cites
+            idx = steps[-1].get("paragraph_support_idx", int, None)
+            helpful += [idx] if idx is not None and 0 <= idx < len(docs) else []
         answers = [r.get("answer", str), *r.strings("answer_aliases", [])]
         ex_id = r.get("id", str)
         # The hop count: MuSiQue's ids carry it (2hop__, 3hop1__, 4hop3__); otherwise the decomposition's length.

@@ -133,3 +133,24 @@ def test_summary_reports_each_hop_count_and_the_think_ratio():
     assert "#### musique by hop count" in markdown({"datasets": {"musique": {"m": s}}})
     # one hop count only (e-commerce): no per-hop block
     assert summarise({"m": rows[:2]}, {})["datasets"]["musique"]["m"]["by_hops"] == {}
+
+
+def test_rule_judge_musique_helpfulness_by_hop_count():
+    from steps.core import synth
+    from steps.ingest import parse_musique
+    raw = synth.musique_rows(40, 3, {1: 1, 3: 1})
+    ex, _ = parse_musique(list(enumerate(raw, 1)), "synthetic")
+    one = next(e for e in ex if e["hops"] == 1)
+    three = next(e for e in ex if e["hops"] == 3)
+
+    def ch(e, response):
+        v = RuleJudge().judge_one(e, response)
+        return v.correct, v.helpful
+    fact = one["documents"][one["helpful_doc_idxs"][0]]
+    # 1 hop, no bridge: helpful when the response cites the supporting fact
+    assert ch(one, f"the answer is {one['answers'][0]} . this is because {fact}") == (1, 1)
+    assert ch(one, f"the answer is {one['answers'][0]} .") == (1, 0)
+    # 3 hops: both bridge entities must appear; one is not enough
+    b1, b2 = three["bridge"]
+    assert ch(three, f"the answer is {three['answers'][0]} . this is because {b1} and {b2}") == (1, 1)
+    assert ch(three, f"the answer is {three['answers'][0]} . this is because {b1}") == (1, 0)

@@ -7,7 +7,8 @@
 
 `RuleJudge` approximates both without a model: for MuSiQue, C is the official EM of the
 extracted answer against the gold answers and H asks that every bridge entity (the answers of
-the intermediate hops) appears in the response; for e-commerce, C asks that the response
+the intermediate hops) appears in the response (a 1-hop question has none: H asks that the
+response cites the supporting fact); for e-commerce, C asks that the response
 recalls a reference answer (or a label-2 document) and that every sentence is grounded in the
 context, and H asks for a grounded sentence that recalls a label-1 (helpful) document.
 Judges are chosen by name (`make_judge`); an LLM judge plugs in through the same protocol.
@@ -63,9 +64,15 @@ class RuleJudge:
         correct = int(max_over(exact_match, predicted, ex["answers"]) == 1.0)
         norm = f" {normalize_answer(response)} "
         missing = [b for b in ex["bridge"] if f" {normalize_answer(b)} " not in norm]
-        helpful = int(bool(ex["bridge"]) and not missing)
+        if ex["bridge"]:
+            helpful = int(not missing)
+        else:  # a 1-hop question: helpful when the response cites the fact that answers it
+            tokens = set(content_tokens(response))
+            helpful = int(any(_recall(ex["documents"][i], tokens) >= self.recall_threshold
+                              for i in ex["helpful_doc_idxs"]))
         why = (f"answer {predicted!r} {'matches' if correct else 'does not match'} {ex['answers'][:3]}; "
-               + (f"bridge missing {missing}" if missing else "bridge facts present" if ex["bridge"] else "no bridge"))
+               + (f"bridge missing {missing}" if missing else "bridge facts present" if ex["bridge"]
+                  else "supporting fact cited" if helpful else "no bridge, supporting fact not cited"))
         return Verdict(correct, helpful, why)
 
     def _ecommerce(self, ex: dict[str, Any], response: str) -> Verdict:
