@@ -60,6 +60,8 @@ class PretrainDemoConfig:
                                          ge=0.0, le=1.0)
     max_fillers: int = help_field(6, "teacher verbosity: 0..max_fillers filler sentences per trace", ge=0)
     threads: int = help_field(2, "torch CPU threads", ge=1)
+    micro_batches: int = help_field(2, "each batch is sorted by length and cut into this many parts, each "
+                                       "padded to its own length (the same gradient, less padding)", ge=1)
     seed: int = help_field(0, "from base.seed", ge=0)
 
     def __post_init__(self) -> None:
@@ -118,6 +120,40 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def batch_step(model: Any, seqs: list[tuple[int, list[int]]], pad_id: int, micro_batches: int) -> float:
+    """Accumulate the gradient of the batch's completion-only loss (mean over completion tokens)
+    and return that loss. `seqs` holds (prompt length, token ids). The batch is sorted by length
+    and cut into `micro_batches` parts, each padded to its own longest sequence only: the same
+    gradient as one padded batch, with less padding to compute."""
+    import torch
+    import torch.nn.functional as F
+
+    order = sorted(seqs, key=lambda x: len(x[1]))
+    n_targets = sum(len(s) - p for p, s in order)
+    size = -(-len(order) // max(1, micro_batches))
+    total = 0.0
+    for start in range(0, len(order), size):
+        part = order[start:start + size]
+        width = max(len(s) for _, s in part)
+        input_ids = torch.full((len(part), width), pad_id)  # (b, T)
+        labels = torch.full((len(part), width), -100)
+        for b, (p, s) in enumerate(part):
+            input_ids[b, :len(s)] = torch.tensor(s)
+            labels[b, p:len(s)] = torch.tensor(s[p:])
+        # Right padding with no attention mask: causal attention never looks right, and
+        # SDPA without a mask is much faster on CPU.
+        out = model(input_ids=input_ids)
+        logits = out.logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum") / n_targets
+        aux = getattr(out, "aux_loss", None)  # MoE router load balancing, weighted by the part's share
+        if aux is not None and getattr(model.config, "router_aux_loss_coef", 0):
+            loss = loss + model.config.router_aux_loss_coef * aux * len(part) / len(order)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def train_lm(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: int, cfg: PretrainDemoConfig,
              p_wrong: float, p_unhelpful: float, max_fillers: int, seed: int, label: str) -> list[dict[str, float]]:
     """Completion-only causal-LM training on freshly written traces each step (so filler
@@ -141,23 +177,13 @@ def train_lm(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: 
         traces = [write_trace(examples[i], rng, by_dataset[examples[i]["dataset"]], p_wrong, p_unhelpful, max_fillers)
                   for i in idx]
         comp = tokenizer(traces, add_special_tokens=False)["input_ids"]
-        seqs = [prompt_ids[i] + c + [tokenizer.eos_token_id] for i, c in zip(idx, comp)]
-        width = max(map(len, seqs))
-        input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id)  # (B, T)
-        labels = torch.full((len(seqs), width), -100)
-        for b, (i, s) in enumerate(zip(idx, seqs)):
-            input_ids[b, :len(s)] = torch.tensor(s)
-            labels[b, len(prompt_ids[i]):len(s)] = torch.tensor(s[len(prompt_ids[i]):])
+        seqs = [(len(prompt_ids[i]), prompt_ids[i] + c + [tokenizer.eos_token_id]) for i, c in zip(idx, comp)]
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, cfg.learning_rate, cfg.warmup_steps)
-        # Right padding with no attention mask: causal attention never looks right, and
-        # SDPA without a mask is much faster on CPU.
-        out = model(input_ids=input_ids, labels=labels)
-        out.loss.backward()
+        loss = batch_step(model, seqs, tokenizer.pad_token_id, cfg.micro_batches)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = out.loss.item()
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         bar.set_postfix(loss=f"{ema:.3f}")
         if step % 10 == 0 or step == steps - 1:
