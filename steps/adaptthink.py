@@ -18,8 +18,10 @@ policy learns when to think.
 
 Where we depart, and why:
 - The reference forces its model's most frequent thinking opener ("Alright" for R1-distilled
-  Qwen). `thinking_opener: null` picks ours the same way, from data: the most frequent first
-  token after `<think>` in the reference pass (our traces' opener); a string sets it.
+  Qwen). `thinking_opener: null` picks ours from the starting policy the same way: the token it
+  most expects right after `<think>` (probabilities summed over up to 64 training prompts;
+  `</think>` and special tokens excluded), i.e. the expected most frequent opener, which exists
+  even for a policy whose samples seldom open a thinking; a string sets it.
 - The reference's ratio is one per sequence, from the mean per-token log-ratio (only the
   forced token's old log-prob differs from the current one, so it moves by (log p - log 0.5)/L);
   TRL's `importance_sampling_level: sequence` computes exactly that, and is the default here.
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -76,35 +77,28 @@ def reward_options(cfg: AdaptThinkConfig) -> dict[str, Any]:
     return {k: v for k, v in (cfg.rewards["adaptthink"] or {}).items() if k not in ("weight", "delta")}
 
 
-def reference_pass(policy: str, rows: list[dict[str, Any]], cfg: AdaptThinkConfig) -> tuple[list[dict[str, Any]], Counter]:
-    """Per prompt: ref_accuracy over K thinking samples of the starting policy (plus their think
-    ratio and mean length); and the count of first thinking tokens over all samples."""
+def reference_pass(policy: str, rows: list[dict[str, Any]], cfg: AdaptThinkConfig) -> list[dict[str, Any]]:
+    """Per prompt: ref_accuracy over K thinking samples of the starting policy, with their think
+    ratio and mean length."""
     from steps.core.backends import SamplingParams, TransformersBackend, derive_seed
     from steps.core.prompts import Prompt
     from steps.core.rewards.hybrid import accuracy, thinks
-    from steps.core.rollouts.hybrid import decision_index, marker_ids, opened_by_prompt
 
     backend = TransformersBackend(policy, batch_size=64, threads=cfg.threads)
-    open_id, close_id = marker_ids(backend.tokenizer)
     prompts = [Prompt(messages=(), text=r["prompt"], key=r["id"]) for r in rows]
     outs = backend.generate(prompts, SamplingParams(n=cfg.ref_samples, temperature=cfg.temperature,
                                                     max_new_tokens=cfg.max_completion_length,
                                                     seed=derive_seed(cfg.seed, "adaptthink", "reference")))
-    openers: Counter = Counter()
     ref = []
     for r, cs in zip(rows, outs, strict=True):
         texts = [c.text for c in cs]
         acc = accuracy(texts, {k: [v] * len(texts) for k, v in r.items()}, **reward_options(cfg))
-        for c in cs:
-            i = decision_index(c.token_ids, open_id, opened_by_prompt(r["prompt"]))
-            if i is not None and i < len(c.token_ids) and c.token_ids[i] != close_id:
-                openers[c.token_ids[i]] += 1
         ref.append({"id": r["id"], "dataset": r["dataset"], "hops": r.get("hops"),
                     "ref_accuracy": sum(acc) / len(acc),
                     "ref_think_ratio": sum(thinks(t) for t in texts) / len(texts),
                     "ref_length": sum(c.completion_tokens for c in cs) / len(cs)})
     backend.close()
-    return ref, openers
+    return ref
 
 
 def attach_ref_accuracy(rows: list[dict[str, Any]], ref: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
@@ -120,18 +114,34 @@ def attach_ref_accuracy(rows: list[dict[str, Any]], ref: list[dict[str, Any]], s
     return out
 
 
-def choose_opener(cfg: AdaptThinkConfig, tokenizer: Any, openers: Counter) -> int:
-    """The token forced to start a thinking: the configured one, or the reference pass's most
-    frequent first thinking token."""
+def choose_opener(cfg: AdaptThinkConfig, policy: str, prompts: list[str], limit: int = 64) -> int:
+    """The token forced to start a thinking: the configured one, or the one the starting policy
+    most expects right after `<think>` (module docstring)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steps.core.rollouts.hybrid import marker_ids, opened_by_prompt
+
+    tok = AutoTokenizer.from_pretrained(policy)
     if cfg.thinking_opener is not None:
-        ids = tokenizer(cfg.thinking_opener, add_special_tokens=False)["input_ids"]
+        ids = tok(cfg.thinking_opener, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise ValueError(f"adaptthink.thinking_opener {cfg.thinking_opener!r} is {len(ids)} tokens; it must be one")
         return ids[0]
-    if not openers:
-        raise ValueError("the reference pass wrote no thinking at all (no token after <think> but </think>): "
-                         "set adaptthink.thinking_opener")
-    return openers.most_common(1)[0][0]
+    open_id, close_id = marker_ids(tok)
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    mass = None
+    with torch.no_grad():
+        for text in prompts[:limit]:
+            ids = tok(text, add_special_tokens=False)["input_ids"] + ([] if opened_by_prompt(text) else [open_id])
+            p = torch.softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)  # (V,)
+            mass = p if mass is None else mass + p
+    if mass is None:
+        raise ValueError("no training prompt to choose the thinking opener from")
+    for t in (open_id, close_id, *tok.all_special_ids):
+        if t < mass.numel():
+            mass[t] = -1.0
+    return int(mass.argmax())
 
 
 def make_old_logp_override(open_id: int, logp: float = NOTHINKING_LOGP):
@@ -175,11 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(AdaptThinkConfig, "adaptthink", args.params)
     out = Path(args.out)
     rows = prompt_rows(cfg, read_validated(args.data, EXAMPLES), args.rft)
-    ref, openers = reference_pass(args.rft, rows, cfg)
+    ref = reference_pass(args.rft, rows, cfg)
     write_jsonl(out / "ref_accuracy.jsonl", ref)
     rows = attach_ref_accuracy(rows, ref, str(out / "ref_accuracy.jsonl"))
     tokenizer = AutoTokenizer.from_pretrained(args.rft)
-    opener_id = choose_opener(cfg, tokenizer, openers)
+    opener_id = choose_opener(cfg, args.rft, [r["prompt"] for r in rows])
     result = train_adaptthink(cfg, rows, args.rft, out, opener_id)
     result["metrics"].update({
         "mean_ref_accuracy": sum(r["ref_accuracy"] for r in ref) / len(ref),

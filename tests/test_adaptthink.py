@@ -113,7 +113,7 @@ def test_the_config_needs_both_halves_and_the_reward():
 
 
 def test_reference_pass_and_one_training_step(policy, tmp_path):
-    """The reference pass gives every prompt a ref_accuracy in [0, 1] and picks an opener; a
+    """The reference pass gives every prompt a ref_accuracy in [0, 1]; a
     training step runs the forced rollout and the reward sees `forced_nothinking`. With every
     ref_accuracy set to 1 an untrained model's rewards are all negative (acc 0: -1, or -0.95 when
     forced to NoThinking), and the decision token's ratio p / 0.5 is far below 1 - 0.2 (p is
@@ -129,13 +129,33 @@ def test_reference_pass_and_one_training_step(policy, tmp_path):
     cfg = AdaptThinkConfig(ref_samples=2, num_generations=4, prompts_per_step=2, max_steps=1,
                            max_completion_length=8, learning_rate=1e-3, thinking_opener="the",
                            importance_sampling_level="token")
-    ref, openers = reference_pass(str(policy_dir), prows, cfg)
+    ref = reference_pass(str(policy_dir), prows, cfg)
     assert [r["id"] for r in ref] == [r["id"] for r in prows]
     assert all(0.0 <= r["ref_accuracy"] <= 1.0 for r in ref)
     prows = attach_ref_accuracy(prows, [{**r, "ref_accuracy": 1.0} for r in ref], "ref")
-    result = train_adaptthink(cfg, prows, str(policy_dir), tmp_path / "out", choose_opener(cfg, tok, openers))
+    result = train_adaptthink(cfg, prows, str(policy_dir), tmp_path / "out", choose_opener(cfg, str(policy_dir), []))
     logged = next(h for h in result["history"] if "loss" in h)
     # half of 8 rollouts forced to NoThinking: mean reward -1 + 0.05 / 2 exactly
     assert logged["rewards/adaptthink/mean"] == pytest.approx(-1 + 0.025)
     assert logged["clip_ratio/low_mean"] > 0
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+
+
+def test_the_opener_is_the_policys_likeliest_first_thinking_token(policy):
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from steps.adaptthink import AdaptThinkConfig, choose_opener
+    from steps.core.rollouts.hybrid import marker_ids
+    from steps.core.training import prompt_rows
+
+    rows, policy_dir = policy
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    prompts = [r["prompt"] for r in prompt_rows(rows, tok)]
+    chosen = choose_opener(AdaptThinkConfig(), str(policy_dir), prompts)
+    assert chosen not in (*marker_ids(tok), *tok.all_special_ids)
+    assert choose_opener(replace(AdaptThinkConfig(), thinking_opener="the"), str(policy_dir), prompts) == \
+        tok("the", add_special_tokens=False)["input_ids"][0]
+    with pytest.raises(ValueError, match="must be one"):
+        choose_opener(replace(AdaptThinkConfig(), thinking_opener="the answer"), str(policy_dir), prompts)
