@@ -49,7 +49,7 @@ def test_prefect_flow_runs_the_stages_under_one_mlflow_parent_run(workspace):
     side = side_stages(load_registry(ws / "params.yaml"))
     # the sibling methods are `dvc repro`'s and `make compare`'s; the main job's stages are not
     assert {"dler", "evaluate@dler", "adaptthink", "evaluate@adaptthink", "evaluate@rft_no_think",
-            "adacot", "evaluate@adacot"} <= side
+            "adacot", "evaluate@adacot", "fusion", "evaluate@rft_fused", "evaluate@rft_fused_no_think"} <= side
     assert not side & {"rft", "grpo", "evaluate@rft", "evaluate@rft_grpo"}
     for stage in stage_names(ws / "dvc.yaml"):
         ran = f"dvc repro --single-item {stage}" in log
