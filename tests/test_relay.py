@@ -1,0 +1,231 @@
+"""RelayLLM: relay decoding (steps/core/rollouts/relay.py) on a scripted student and a toy teacher."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from steps.core.backends import Completion, SamplingParams
+from steps.core.prompts import Prompt
+from tests.helpers import TINY_DENSE, examples, tiny_model
+
+TEACHER_WORD = "question"   # the toy teacher writes only this word
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from steps.core import modeling
+    from steps.pretrain_demo import corpus_texts
+
+    t = modeling.build_tokenizer(corpus_texts(examples(3, 2)))
+    t.add_tokens(["<call>", "</call>"])
+    t.padding_side = "left"
+    return t
+
+
+class ScriptedStudent:
+    """A causal LM stand-in whose next token follows a script: script[k], k = the tokens after
+    the prompt that are not the teacher's word. It honours `generate`'s contract as the relay
+    rollout uses it: left padding, per-row stopping criteria, EOS, padding after a row stops."""
+
+    def __init__(self, tok, scripts: dict[str, str]):
+        self.tok = tok
+        self.scripts = {k: tok(v, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for k, v in scripts.items()}
+        self.teacher_id = tok.convert_tokens_to_ids(TEACHER_WORD)
+        self.generation_config = SimpleNamespace(eos_token_id=tok.eos_token_id)
+        self.calls = 0
+
+    def _next(self, ids: list[int]) -> int:
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        script = next(v for k, v in self.scripts.items() if f": {k} <assistant>" in text)
+        after = ids[ids.index(self.tok.convert_tokens_to_ids("<assistant>")) + 1:]
+        k = sum(t != self.teacher_id for t in after)
+        return script[min(k, len(script) - 1)]
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, stopping_criteria, pad_token_id, eos_token_id,
+                 **_):
+        import torch
+
+        self.calls += 1
+        rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+        out = input_ids.clone()
+        done = torch.zeros(len(rows), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            nxt = []
+            for i, r in enumerate(rows):
+                t = pad_token_id if done[i] else self._next(r)
+                r.append(t)
+                nxt.append(t)
+            new = torch.tensor(nxt).unsqueeze(1)
+            out = torch.cat([out, new], dim=1)
+            done |= new.squeeze(1) == eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
+            done |= stopping_criteria[0](out, None)
+            if done.all():
+                break
+        return out
+
+
+class ToyTeacher:
+    """Writes n copies of TEACHER_WORD; records the text it was given; fails on request."""
+    name = "toy"
+
+    def __init__(self, tok, fail_on: str | None = None, stop_after: int | None = None):
+        self.tokenizer, self.fail_on, self.stop_after = tok, fail_on, stop_after
+        self.seen: list[str] = []
+        self.batches: list[int] = []
+
+    def generate(self, prompts, sampling, on_batch=None):
+        self.batches.append(len(prompts))
+        out = []
+        for p in prompts:
+            if self.fail_on and self.fail_on in p.text:
+                raise RuntimeError("HTTP 503 after retries")
+            self.seen.append(p.text)
+            n = sampling.max_new_tokens if self.stop_after is None else min(self.stop_after, sampling.max_new_tokens)
+            ids = tuple(self.tokenizer.convert_tokens_to_ids([TEACHER_WORD] * n))
+            out.append([Completion(text=" ".join([TEACHER_WORD] * n), completion_tokens=n, finish_reason="length",
+                                   prompt_tokens=len(p.text.split()), token_ids=ids)])
+        return out
+
+    def close(self):
+        pass
+
+
+def _relay(tok, scripts, teacher=None, protocol="relay", **options):
+    from steps.core.rollouts import make_rollout
+
+    student = ScriptedStudent(tok, scripts)
+    backend = SimpleNamespace(name="transformers", model=student, tokenizer=tok, device="cpu", batch_size=64,
+                              model_name="scripted", _eos_ids=lambda: [tok.eos_token_id], close=lambda: None)
+    teacher = teacher or ToyTeacher(tok)
+    return make_rollout(protocol, backend, teacher_backend_obj=teacher, **options), teacher, student
+
+
+def _prompt(tok, key):
+    text = tok.apply_chat_template([{"role": "user", "content": f"documents : {key}"}], tokenize=False,
+                                   add_generation_prompt=True)
+    return Prompt(messages=(), text=text, key=key)
+
+
+def _words(tok, ids):
+    return tok.convert_ids_to_tokens(list(ids))
+
+
+GREEDY = SamplingParams(n=1, temperature=0.0, max_new_tokens=40)
+
+
+def test_the_teacher_inserts_exactly_n_tokens_after_the_command_and_never_sees_it(tok):
+    """`<call> 3 </call>`: the student pauses after the close; the teacher, given the text so far
+    with the command removed, writes exactly 3 tokens (mask 0) right after it; the student
+    resumes after them. Two rows in flight: the one waiting on the teacher and the other."""
+    rollout, teacher, _ = _relay(tok, {"1": "the answer is <call> 3 </call> x .", "2": "the answer is 7 ."})
+    (a,), (b,) = rollout.run([_prompt(tok, "1"), _prompt(tok, "2")], GREEDY)
+    assert _words(tok, a.token_ids) == ["the", "answer", "is", "<call>", "3", "</call>",
+                                        TEACHER_WORD, TEACHER_WORD, TEACHER_WORD, "x", "."]
+    assert a.mask == (1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1)
+    assert a.finish_reason == "stop"
+    assert a.meta["calls"] == 1 and a.meta["teacher_tokens"] == 3 and a.meta["student_tokens"] == 8
+    assert a.meta["call_ratio"] == pytest.approx(3 / 11) and a.meta["malformed_calls"] == 0
+    # The teacher saw the prompt and the student's text, no command tag and no number of it.
+    assert len(teacher.seen) == 1
+    seen = teacher.seen[0]
+    assert seen.startswith(_prompt(tok, "1").text) and seen.endswith("the answer is")
+    assert "<call>" not in seen and "</call>" not in seen and " 3" not in seen[len(_prompt(tok, "1").text):]
+    assert _words(tok, b.token_ids) == ["the", "answer", "is", "7", "."] and b.mask == (1,) * 5
+    assert b.meta["calls"] == 0 and b.meta["teacher_tokens"] == 0
+
+
+def test_waiting_sequences_go_to_the_teacher_together(tok):
+    scripts = {str(i): f"is <call> {i} </call> ." for i in range(1, 5)}
+    rollout, teacher, student = _relay(tok, scripts)
+    outs = rollout.run([_prompt(tok, k) for k in scripts], GREEDY)
+    assert teacher.batches == [4]  # one teacher call for the four waiting rows
+    assert student.calls == 2      # one student round before the teacher, one after
+    assert [o[0].meta["teacher_tokens"] for o in outs] == [1, 2, 3, 4]
+
+
+def test_n_is_capped_by_the_param_and_by_the_budget_left(tok):
+    rollout, _, _ = _relay(tok, {"1": "is <call> 9 </call> x ."}, max_call_tokens=5)
+    (a,), = rollout.run([_prompt(tok, "1")], GREEDY)
+    assert a.meta["teacher_tokens"] == 5
+    rollout, _, _ = _relay(tok, {"1": "is <call> 9 </call> x ."})
+    (a,), = rollout.run([_prompt(tok, "1")], SamplingParams(n=1, temperature=0.0, max_new_tokens=7))
+    # 4 student tokens, then 3 left of the budget of 7: the teacher writes 3 and the response ends.
+    assert len(a.token_ids) == 7 and a.meta["teacher_tokens"] == 3 and a.finish_reason == "length"
+
+
+def test_calls_beyond_the_limit_stay_text_and_the_student_goes_on(tok):
+    script = "is <call> 1 </call> <call> 1 </call> <call> 1 </call> <call> 1 </call> x ."
+    rollout, teacher, _ = _relay(tok, {"1": script}, max_calls=3)
+    (a,), = rollout.run([_prompt(tok, "1")], GREEDY)
+    assert a.meta["calls"] == 3 and a.meta["teacher_tokens"] == 3 and a.meta["calls_over_limit"] == 1
+    assert _words(tok, a.token_ids)[-5:] == ["<call>", "1", "</call>", "x", "."] and a.finish_reason == "stop"
+    # Every teacher context is free of command tags, the earlier teacher spans included.
+    assert all("<call>" not in s and "</call>" not in s for s in teacher.seen)
+    assert teacher.seen[2].count(TEACHER_WORD) == 2
+
+
+@pytest.mark.parametrize("script,malformed", [
+    ("is <call> </call> x .", 1),          # no number
+    ("is <call> 0 </call> x .", 1),        # n <= 0
+    ("is <call> the </call> x .", 1),      # not a number
+    ("is </call> x .", 1),                 # a close without an open
+    ("is <call> 5 x .", 1),                # never closed (end of text)
+    ("is <call> <call> 2 </call> x .", 1),  # the first open is never closed; the second call is fine
+], ids=["empty", "zero", "word", "stray-close", "unterminated", "double-open"])
+def test_malformed_commands_stay_text_and_are_counted(tok, script, malformed):
+    rollout, teacher, _ = _relay(tok, {"1": script})
+    (a,), = rollout.run([_prompt(tok, "1")], GREEDY)
+    assert a.meta["malformed_calls"] == malformed
+    student_words = [w for w, m in zip(_words(tok, a.token_ids), a.mask) if m]
+    assert student_words == tok.convert_ids_to_tokens(tok(script, add_special_tokens=False)["input_ids"])
+    assert a.finish_reason == "stop"
+    assert a.meta["calls"] == (1 if "2" in script else 0)
+
+
+def test_a_failed_teacher_call_fails_its_response_only(tok):
+    """The teacher raises (as the OpenAI back end does once its retries are spent) for one row:
+    that response ends as failed (empty text, so it scores 0; no loss), the others finish."""
+    teacher = ToyTeacher(tok, fail_on="documents : 2")
+    scripts = {"1": "is <call> 2 </call> x .", "2": "is <call> 2 </call> x .", "3": "is 5 ."}
+    rollout, _, _ = _relay(tok, scripts, teacher=teacher)
+    outs = [o[0] for o in rollout.run([_prompt(tok, k) for k in scripts], GREEDY)]
+    assert [o.finish_reason for o in outs] == ["stop", "failed", "stop"]
+    assert outs[1].text == "" and outs[1].meta["failed"] == 1 and set(outs[1].mask) == {0}
+    assert outs[0].meta["teacher_tokens"] == 2 and outs[0].meta["failed"] == 0
+    assert rollout.stats["failed"] == 1
+
+
+def test_the_teacher_stopping_early_hands_control_back(tok):
+    rollout, _, _ = _relay(tok, {"1": "is <call> 6 </call> x ."}, teacher=ToyTeacher(tok, stop_after=2))
+    (a,), = rollout.run([_prompt(tok, "1")], GREEDY)
+    assert a.meta["teacher_tokens"] == 2 and _words(tok, a.token_ids)[-2:] == ["x", "."]
+
+
+def test_random_calls_spend_the_budget_at_seeded_positions(tok):
+    rollout, teacher, _ = _relay(tok, {"1": "the answer is 7 , the answer is 7 ."}, protocol="relay_random",
+                                 calls=2, call_tokens=3, position_range=6)
+    (a,), = rollout.run([_prompt(tok, "1")], GREEDY)
+    assert a.meta["calls"] == 2 and a.meta["teacher_tokens"] == 6
+    student_words = [w for w, m in zip(_words(tok, a.token_ids), a.mask) if m]
+    assert student_words == tok.convert_ids_to_tokens(tok("the answer is 7 , the answer is 7 .",
+                                                          add_special_tokens=False)["input_ids"])
+    (b,), = _relay(tok, {"1": "the answer is 7 , the answer is 7 ."}, protocol="relay_random", calls=2,
+                   call_tokens=3, position_range=6)[0].run([_prompt(tok, "1")], GREEDY)
+    assert b.mask == a.mask  # seeded: the same positions again
+
+
+def test_a_student_that_never_calls_writes_what_the_plain_rollout_writes(tmp_path):
+    """A real tiny model, sampled: relay decoding without a call is the plain rollout."""
+    from steps.core.backends import TransformersBackend
+    from steps.core.rollouts import make_rollout
+
+    rows = examples(2, 1)
+    path = tiny_model(tmp_path / "m", TINY_DENSE, rows)
+    backend = TransformersBackend(str(path))
+    prompts = [Prompt(messages=(), text=f"<user> documents : {r['question']} <assistant> ", key=r["id"]) for r in rows]
+    sampling = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=3)
+    plain = make_rollout("plain", backend).run(prompts, sampling)
+    relay = make_rollout("relay", backend, teacher_backend_obj=ToyTeacher(backend.tokenizer)).run(prompts, sampling)
+    assert [[c.token_ids for c in cs] for cs in relay] == [[c.token_ids for c in cs] for cs in plain]
+    assert all(c.meta["calls"] == 0 and c.meta["student_decode_tflops"] > 0 for cs in relay for c in cs)
