@@ -229,3 +229,122 @@ def test_a_student_that_never_calls_writes_what_the_plain_rollout_writes(tmp_pat
     relay = make_rollout("relay", backend, teacher_backend_obj=ToyTeacher(backend.tokenizer)).run(prompts, sampling)
     assert [[c.token_ids for c in cs] for cs in relay] == [[c.token_ids for c in cs] for cs in plain]
     assert all(c.meta["calls"] == 0 and c.meta["student_decode_tflops"] > 0 for cs in relay for c in cs)
+
+
+# --- the difficulty-aware reward (steps/core/rewards/relay.py) ---------------------------------
+
+RIGHT, WRONG = "the answer is kestria .", "the answer is sarnia ."
+CALLED_RIGHT = "the answer is <call> 2 </call> kestria ."   # the tags never spoil the answer
+
+# One query group per block; ratio = teacher tokens / total tokens.
+#  group | completion    | teacher/total | reward  | why
+#  ----- | ------------- | ------------- | ------- | -----------------------------------------
+#  A     | right         |    0 / 10     |   1.5   | someone solved it alone: correct, no call
+#  A     | right (tags)  |    2 / 10     |   0.8   |   correct with a call: 1 - ratio
+#  A     | wrong         |    0 / 10     |   0.0   |   wrong, no call
+#  A     | wrong         |    5 / 10     |   0.0   |   wrong, with a call
+#  B     | right (tags)  |    4 / 10     |   0.6   | solved only with a call: correct, call: 1 - ratio
+#  B     | wrong         |    0 / 10     |  -1.0   |   wrong without a call
+#  B     | wrong         |    3 / 10     |   0.0   |   wrong with a call
+#  C     | wrong         |    3 / 10     |   0.3   | nobody solved it: a call earns its ratio
+#  C     | wrong         |    0 / 10     |   0.0   |   no call: 0
+TABLE = [
+    ("A", CALLED_RIGHT.replace("<call> 2 </call> ", ""), 0, 10, 1.5),
+    ("A", CALLED_RIGHT, 2, 10, 0.8),
+    ("A", WRONG, 0, 10, 0.0),
+    ("A", WRONG, 5, 10, 0.0),
+    ("B", CALLED_RIGHT, 4, 10, 0.6),
+    ("B", WRONG, 0, 10, -1.0),
+    ("B", WRONG, 3, 10, 0.0),
+    ("C", WRONG, 3, 10, 0.3),
+    ("C", WRONG, 0, 10, 0.0),
+]
+
+
+@pytest.mark.parametrize("group", ["A", "B", "C"])
+def test_difficulty_reward_table_one_group_at_a_time(group):
+    from steps.core.rewards.relay import make_relay_difficulty
+
+    rows = [r for r in TABLE if r[0] == group]
+    fn = make_relay_difficulty()
+    out = fn([r[1] for r in rows], answers=[["kestria"]] * len(rows), teacher_tokens=[r[2] for r in rows],
+             total_tokens=[r[3] for r in rows])
+    assert out == pytest.approx([r[4] for r in rows])
+
+
+def test_difficulty_reward_flags_are_per_query_group_not_per_batch():
+    """The three groups scored in one call (as the trainer calls it: one batch, several prompts):
+    each row still gets its own group's case. The reference computes the flags over the batch,
+    which would give B's wrong-without-call 0 (not -1) and C's call 0 (not its ratio): A's
+    unaided solve would set the flag for all."""
+    from steps.core.rewards.relay import make_relay_difficulty
+
+    fn = make_relay_difficulty()
+    out = fn([r[1] for r in TABLE], prompts=[f"prompt {r[0]}" for r in TABLE], answers=[["kestria"]] * len(TABLE),
+             external_tokens=[r[2] for r in TABLE], policy_tokens=[r[3] - r[2] for r in TABLE])
+    assert out == pytest.approx([r[4] for r in TABLE])
+    batch_level = fn([r[1] for r in TABLE], answers=[["kestria"]] * len(TABLE),
+                     teacher_tokens=[r[2] for r in TABLE], total_tokens=[r[3] for r in TABLE])
+    assert batch_level[5] == 0.0 and batch_level[7] == 0.0  # what batch-level flags would give
+
+
+def test_difficulty_reward_runs_from_the_command_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "completion": r[1], "answers": ["kestria"], "teacher_tokens": r[2],
+                                        "total_tokens": r[3], "group": r[0]}) + "\n" for i, r in enumerate(TABLE)))
+    proc = subprocess.run([sys.executable, "-m", "steps.core.rewards", "score", "--reward", "relay_difficulty",
+                           str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["reward"] for line in proc.stdout.splitlines()] == pytest.approx([r[4] for r in TABLE])
+
+
+def test_the_policy_loss_has_zero_gradient_on_teacher_tokens(tmp_path, monkeypatch):
+    """One GRPO step through the shared trainer with teacher spans in every rollout: the gradient
+    of TRL's loss with respect to each completion token's log-probability is exactly 0 on the
+    teacher's tokens and not 0 on the student's."""
+    import torch
+    from transformers import AutoTokenizer
+    from trl import GRPOTrainer
+
+    from steps.core import rewards, training
+    from steps.core.rl import RLConfig, train_rl
+
+    seen = []
+    logps_of = GRPOTrainer._get_per_token_logps_and_entropies
+    loss_of = GRPOTrainer._compute_loss
+
+    def recording_logps(self, *a, **k):
+        out = logps_of(self, *a, **k)
+        if torch.is_grad_enabled():
+            seen.append({"logps": out[0]})
+        return out
+
+    def recording_loss(self, model, inputs):
+        loss = loss_of(self, model, inputs)
+        grad, = torch.autograd.grad(loss, seen[-1]["logps"], retain_graph=True)
+        seen[-1].update(grad=grad, mask=inputs["completion_mask"], owner=inputs["tool_mask"])
+        return loss
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", recording_logps)
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", recording_loss)
+    monkeypatch.setitem(rewards.REWARDS, "test_varied", lambda: lambda completions, **_: [float(len(c) % 7)
+                                                                                          for c in completions])
+    rows = examples(2, 2)
+    policy = tiny_model(tmp_path / "policy", TINY_DENSE, rows)
+    tok = AutoTokenizer.from_pretrained(policy)
+    cfg = RLConfig(rewards={"test_varied": {}}, protocol="relay_random",
+                   protocol_options={"calls": 2, "call_tokens": 3, "position_range": 6,
+                                     "teacher_backend_obj": ToyTeacher(tok)},
+                   num_generations=4, prompts_per_step=2, max_steps=1, max_completion_length=14, learning_rate=1e-3)
+    train_rl(cfg, training.prompt_rows(rows, tok), str(policy), tmp_path / "out")
+    assert seen and "grad" in seen[0]
+    grad, mask, owner = seen[0]["grad"], seen[0]["mask"], seen[0]["owner"]
+    teacher = (mask == 1) & (owner == 0)
+    student = (mask == 1) & (owner == 1)
+    assert teacher.sum() > 0 and student.sum() > 0
+    assert (grad[teacher] == 0).all()
+    assert (grad[student] != 0).any()
