@@ -348,3 +348,54 @@ def test_the_policy_loss_has_zero_gradient_on_teacher_tokens(tmp_path, monkeypat
     assert teacher.sum() > 0 and student.sum() > 0
     assert (grad[teacher] == 0).all()
     assert (grad[student] != 0).any()
+
+
+# --- the stage (steps/relay.py) -----------------------------------------------------------------
+
+def test_warmup_inserts_zero_to_three_commands_and_keeps_the_sample():
+    import random
+
+    from steps.relay import insert_commands
+
+    counts = set()
+    for seed in range(60):
+        ids = list(range(100, 110))
+        out = insert_commands(ids, lambda n: [-1, n, -2], random.Random(seed), 3, (1, 16))
+        k = out.count(-1)
+        counts.add(k)
+        assert [t for t in out if t >= 100] == ids                      # the sample itself, in order
+        assert all(1 <= out[i + 1] <= 16 and out[i + 2] == -2 for i, t in enumerate(out) if t == -1)
+    assert counts == {0, 1, 2, 3}
+
+
+def test_relay_stage_filters_warms_up_and_trains_with_relay_decoding(tmp_path):
+    """The whole stage on tiny models: the filter's log, the command tags added to the word-level
+    vocabulary (and spelled as single tokens), the warm-up model, the GRPO model and its log."""
+    from transformers import AutoTokenizer
+
+    from steps.core.rollouts.relay import release_teacher
+    from steps.relay import RelayConfig, train_relay
+
+    rows = examples(3, 2)
+    rft = tiny_model(tmp_path / "rft", TINY_DENSE, rows)
+    teacher = tiny_model(tmp_path / "teacher", TINY_DENSE, rows, seed=1)
+    cfg = RelayConfig(max_steps=1, num_generations=2, prompts_per_step=2, max_prompts=4, max_completion_length=10,
+                      beta=0.0, filter_samples=2, filter_min_pass_rate=0.0, warmup_samples=1, warmup_keep="all",
+                      warmup_steps=1, warmup_batch_size=2, sample_max_new_tokens=8, learning_rate=1e-3)
+    try:
+        result = train_relay(cfg, rows, str(rft), str(teacher), tmp_path / "out")
+    finally:
+        release_teacher(cfg.teacher_spec(str(teacher)))
+    m = result["metrics"]
+    assert m["filter_prompts"] == 4 and m["filter_kept"] == 4 and m["command_tokens_added"] and m["steps"] == 1
+    assert (tmp_path / "out/filter.jsonl").exists() and (tmp_path / "out/warmup/model/config.json").exists()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out/model")
+    assert len(tok("<call> 5 </call>", add_special_tokens=False)["input_ids"]) == 3
+    assert any("reward" in h for h in result["history"])
+
+
+def test_the_warmup_call_tokens_range_is_checked():
+    from steps.relay import RelayConfig
+
+    with pytest.raises(ValueError, match="warmup_call_tokens"):
+        RelayConfig(warmup_call_tokens=(5, 2))
