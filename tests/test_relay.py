@@ -231,6 +231,39 @@ def test_a_student_that_never_calls_writes_what_the_plain_rollout_writes(tmp_pat
     assert all(c.meta["calls"] == 0 and c.meta["student_decode_tflops"] > 0 for cs in relay for c in cs)
 
 
+
+# --- a teacher behind an OpenAI-compatible completions endpoint (tests/openai_fake_server.py) -----
+
+def _http_teacher(server, **kw):
+    from steps.core.backend_openai import OpenAIBackend
+
+    return OpenAIBackend(model="fake", base_url=server.base_url, use_chat=False, backoff_initial_s=0.01,
+                         backoff_max_s=0.2, progress=False, **kw)
+
+
+def test_an_http_teacher_that_errs_or_stalls_is_retried(tok, serve):
+    server = serve(faults={0: "500", 1: "stall"}, stall_s=1.0)
+    teacher = _http_teacher(server, request_timeout_s=0.3)
+    rollout, _, _ = _relay(tok, {"1": "is <call> 4 </call> x ."}, teacher=teacher)
+    (a,), = rollout.run([_prompt(tok, "1")], GREEDY)
+    assert a.finish_reason == "stop" and a.meta["calls"] == 1 and a.meta["failed"] == 0
+    assert _words(tok, a.token_ids)[-2:] == ["x", "."]
+    assert teacher.stats.retries == 2 and server.posts == 3
+    assert "<call>" not in server.bodies[-1]["prompt"] and server.bodies[-1]["max_tokens"] == 4
+
+
+def test_an_http_teacher_that_finally_fails_fails_that_response_only(tok, serve):
+    server = serve(faults=lambda n, body: "500" if "documents : 2 " in body.get("prompt", "") else None)
+    teacher = _http_teacher(server, max_retries=1)
+    scripts = {"1": "is <call> 2 </call> x .", "2": "is <call> 2 </call> x .", "3": "is <call> 3 </call> x ."}
+    rollout, _, _ = _relay(tok, scripts, teacher=teacher)
+    outs = [o[0] for o in rollout.run([_prompt(tok, k) for k in scripts], GREEDY)]
+    assert [o.finish_reason for o in outs] == ["stop", "failed", "stop"]
+    assert [o.meta["failed"] for o in outs] == [0, 1, 0] and outs[1].text == ""
+    # One request per distinct n on a server: n = 2 (rows 1, 2) and n = 3 (row 3).
+    assert sorted({b["max_tokens"] for b in server.bodies}) == [2, 3]
+
+
 # --- the difficulty-aware reward (steps/core/rewards/relay.py) ---------------------------------
 
 RIGHT, WRONG = "the answer is kestria .", "the answer is sarnia ."
