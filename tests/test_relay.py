@@ -264,6 +264,15 @@ def test_an_http_teacher_that_finally_fails_fails_that_response_only(tok, serve)
     assert sorted({b["max_tokens"] for b in server.bodies}) == [2, 3]
 
 
+
+def test_a_chat_endpoint_teacher_is_refused_at_once(tok, serve):
+    from steps.core.backend_openai import OpenAIBackend
+
+    teacher = OpenAIBackend(model="fake", base_url=serve().base_url, progress=False)  # use_chat defaults to true
+    with pytest.raises(ValueError, match="use_chat: false"):
+        _relay(tok, {"1": "x"}, teacher=teacher)
+
+
 # --- the difficulty-aware reward (steps/core/rewards/relay.py) ---------------------------------
 
 RIGHT, WRONG = "the answer is kestria .", "the answer is sarnia ."

@@ -59,6 +59,7 @@ the RelayLLM row spends (its `teacher_tokens` column) to compare at the same bud
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import time
@@ -69,6 +70,8 @@ from typing import Any
 from steps.core.backends import SamplingParams, derive_seed, make_backend
 from steps.core.prompts import Prompt
 from steps.core.rollouts import RolloutCompletion
+
+log = logging.getLogger(__name__)
 
 CALL_OPEN, CALL_CLOSE = "<call>", "</call>"
 _COMMAND_AT_END = re.compile(r"<call>\s*([^<>]*?)\s*</call>\s*$")
@@ -179,6 +182,9 @@ class RelayRollout:
         self.tokenizer, self.model = backend.tokenizer, backend.model
         self.teacher_spec = dict(teacher or {})
         self.teacher = teacher_backend_obj or teacher_backend(self.teacher_spec)
+        if getattr(self.teacher, "use_chat", False):
+            raise ValueError("relay: the teacher continues raw text, so an OpenAI-compatible teacher must use the "
+                             "completions endpoint: set teacher.use_chat: false (and teacher.tokenizer to count tokens)")
         self.max_calls, self.max_call_tokens = max_calls, max_call_tokens
         self.teacher_temperature = teacher_temperature
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -343,11 +349,14 @@ class RelayRollout:
             try:
                 outs = self.teacher.generate([prompts[i] for i in idx], sp)
                 results = {i: o[0] for i, o in zip(idx, outs, strict=True)}
-            except Exception:  # noqa: BLE001 - isolate the failing requests: one at a time
+            except Exception as e:  # noqa: BLE001 - isolate the failing requests: one at a time
+                log.warning("relay: a teacher call for %d sequences failed (%s); retrying them one by one", len(idx), e)
                 for i in idx:
                     try:
                         results[i] = self.teacher.generate([prompts[i]], sp)[0][0]
-                    except Exception:  # noqa: BLE001 - a teacher call that finally fails fails its response
+                    except Exception as e1:  # noqa: BLE001 - a teacher call that finally fails fails its response
+                        log.warning("relay: teacher call for %s failed, the response ends as failed: %s",
+                                    prompts[i].key, e1)
                         results[i] = None
             for i in idx:
                 self._insert(rows[i], results[i], budget)
