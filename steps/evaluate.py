@@ -44,9 +44,18 @@ from steps.core.metrics import exact_match, extract_answer, max_over, token_f1
 from steps.core.schemas import EXAMPLES, PREDICTIONS, read_validated, validate
 
 log = logging.getLogger(__name__)
-# The code a prediction depends on (its resume key covers their sources).
+# The code a prediction depends on (its resume key covers their sources, and every rollout module's).
 CODE = ("steps.evaluate", "steps.core.backends", "steps.core.prompts", "steps.core.judges", "steps.core.metrics",
-        "steps.core.modeling", "steps.core.rollouts", "steps.core.rollouts.plain")
+        "steps.core.modeling", "steps.core.rollouts")
+
+
+def rollout_modules() -> tuple[str, ...]:
+    """Every module of the rollouts package: a protocol may live in any of them (plugins)."""
+    import pkgutil
+
+    from steps.core import rollouts
+
+    return tuple(f"steps.core.rollouts.{m.name}" for m in pkgutil.iter_modules(rollouts.__path__))
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,7 @@ def resume_key(cfg: EvaluateConfig, model_digest: str, protocol: str, options: d
     examples and the code (a killed run resumes only what the same inputs would write again)."""
     from steps.core.fingerprint import code_digest
 
-    return config_hash(dataclasses.asdict(cfg), model_digest, protocol, options, examples, code_digest(*CODE))
+    return config_hash(dataclasses.asdict(cfg), model_digest, protocol, options, examples, code_digest(*CODE, *rollout_modules()))
 
 
 def main(argv: list[str] | None = None) -> None:
