@@ -7,7 +7,9 @@ in params) and its rollout (steps.core.rollouts, by protocol name); `train_rl` d
   its ownership mask becomes TRL's `env_mask`, so inserted tokens (a teacher's, a routed model's)
   carry no loss and are not counted in `completions/mean_length`; the rewards get `policy_tokens`
   for the same reason. The end-of-sequence token of a finished completion is part of the
-  completion (the policy must learn to stop), as in TRL's own generation.
+  completion (the policy must learn to stop), as in TRL's own generation. A rollout may hand
+  the rewards per-completion columns of its own (`meta["reward_columns"]`, e.g. AdaptThink's
+  `forced_nothinking`); they reach the reward functions as dataset columns do.
 - **Rewards** are added as Σ wᵢ·rᵢ (TRL's `reward_weights`), from the registry.
 - **Advantages** (`advantage`): `group` z-score over the K completions of a prompt (GRPO, the
   LiveThinking paper), `batch` (group mean removed, divided by the batch's std: DLER's batch-level
@@ -92,10 +94,12 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
             stop = c.finish_reason == "stop" and eos is not None
             completion_ids.append(list(c.token_ids) + ([eos] if stop else []))
             masks.append(list(c.mask) + ([1] if stop else []))
+        columns = sorted({k for c in outs for k in c.meta.get("reward_columns", {})})
         return {"prompt_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts],
                 "completion_ids": completion_ids, "logprobs": None, "env_mask": masks,
                 "policy_tokens": [c.policy_tokens for c in outs],
-                "external_tokens": [c.external_tokens for c in outs]}
+                "external_tokens": [c.external_tokens for c in outs],
+                **{k: [c.meta.get("reward_columns", {}).get(k) for c in outs] for k in columns}}
     return run
 
 
