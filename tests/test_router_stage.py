@@ -99,3 +99,38 @@ def test_the_stage_trains_one_policy_per_alpha_on_tiny_models(tmp_path):
     cfg = load_config(RouterConfig, "router", tmp_path / "params.yaml")
     prompt = routing_prompt_rows(cfg, rows, str(out / "policy_base"))[0]["prompt"]
     assert "teacher : dear" in prompt and "rft : cheap" in prompt
+
+
+def test_routed_rows_evaluate_with_cost_and_calls_per_member(tmp_path):
+    """evaluate_model over the routed protocols on tiny models: the predictions validate, every
+    row carries cost and calls per member in extras, and a member alone is the plain row plus its
+    price (same decoding, same judge)."""
+    from steps.core.schemas import PREDICTIONS, validate
+    from steps.evaluate import EvaluateConfig, evaluate_model
+    from steps.report import summarise
+
+    rows = examples(3, 1)
+    teacher = tiny_model(tmp_path / "teacher", TINY_DENSE, rows, seed=1)
+    rft = tiny_model(tmp_path / "rft", TINY_DENSE, rows)
+    policy, _ = add_routing_tokens(str(rft), tmp_path / "policy", ["teacher", "rft"])
+    pool = [{"name": "teacher", "model": str(teacher), "descriptor": "dear"},
+            {"name": "rft", "model": str(rft), "descriptor": "cheap"}]
+    cfg = EvaluateConfig(max_new_tokens=12, latency_probe_n=1, backend_options={"batch_size": 8})
+    preds = {}
+    for name, path, protocol, options in [
+            ("router_r1", policy, "router", {"pool": pool, "member_max_new_tokens": 4}),
+            ("route_teacher", str(teacher), "route_member", {"pool": pool, "member": "teacher"}),
+            ("route_random", policy, "route_random", {"pool": pool}),
+            ("teacher", str(teacher), "plain", {})]:
+        preds[name], _ = evaluate_model(cfg, name, path, rows, tmp_path / name, protocol, options)
+        validate(preds[name], PREDICTIONS, f"{name}/predictions.jsonl")
+    for name in ("router_r1", "route_teacher", "route_random"):
+        assert all({"cost", "calls", "calls_teacher", "calls_rft", "tokens_teacher"} <= set(p["extras"])
+                   for p in preds[name]), name
+    alone, plain = preds["route_teacher"], preds["teacher"]
+    assert [p["response"] for p in alone] == [p["response"] for p in plain]
+    assert [p["correct"] for p in alone] == [p["correct"] for p in plain]
+    assert all(p["extras"]["calls_teacher"] == 1 and p["extras"]["cost"] > 0 for p in alone)
+    assert all(p["extras"]["calls"] == 1 for p in preds["route_random"])
+    summary = summarise(preds, {})
+    assert summary["datasets"]["musique"]["route_teacher"]["extras/cost"] > 0
