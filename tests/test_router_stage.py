@@ -84,6 +84,7 @@ def test_the_stage_trains_one_policy_per_alpha_on_tiny_models(tmp_path):
     params = {"base": {"seed": 0}, "router": {
         "pool": pool, "alphas": [0.0, 0.9], "max_steps": 1, "num_generations": 2, "prompts_per_step": 2,
         "max_prompts": 4, "max_completion_length": 24, "member_max_new_tokens": 6, "max_information_tokens": 6,
+        "warmup_steps": 1, "warmup_batch_size": 4, "sample_max_new_tokens": 8,
         "rewards": {"router_r1": {"weight": 1.0}, "router_cost": {"weight": 0.0}}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     write_jsonl(tmp_path / "train.jsonl", rows)
@@ -92,6 +93,8 @@ def test_the_stage_trains_one_policy_per_alpha_on_tiny_models(tmp_path):
                 "--rft", str(rft), "--out", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["routing_tokens_added"] is True
+    assert metrics["warmup_rows"] == 4 and metrics["warmup_rows_with_a_call"] == 2
+    assert (out / "warmup" / "model" / "config.json").exists()
     for a in (0.0, 0.9):
         assert (out / alpha_dir(a) / "model" / "config.json").exists()
         assert (out / alpha_dir(a) / "model" / "flops_profile.json").exists()
@@ -134,3 +137,20 @@ def test_routed_rows_evaluate_with_cost_and_calls_per_member(tmp_path):
     assert all(p["extras"]["calls"] == 1 for p in preds["route_random"])
     summary = summarise(preds, {})
     assert summary["datasets"]["musique"]["route_teacher"]["extras/cost"] > 0
+
+
+def test_warmup_traces_keep_the_format_and_insert_a_real_member_reply(tmp_path):
+    from steps.core.rewards.router import format_violation
+    from steps.router import warmup_rows
+
+    rows = examples(4, 0)
+    teacher = tiny_model(tmp_path / "teacher", TINY_DENSE, rows, seed=1)
+    rft = tiny_model(tmp_path / "rft", TINY_DENSE, rows)
+    policy, _ = add_routing_tokens(str(rft), tmp_path / "policy", ["teacher", "rft"])
+    pool = [{"name": "teacher", "model": str(teacher)}, {"name": "rft", "model": str(rft)}]
+    cfg = RouterConfig(pool=pool, sample_max_new_tokens=8, member_max_new_tokens=8)
+    traces = warmup_rows(cfg, routing_prompt_rows(cfg, rows, policy), policy)
+    assert len(traces) == 4 and [("<search>" in t["completion"]) for t in traces] == [False, True, False, True]
+    for t in traces:
+        assert format_violation(t["completion"], ["teacher", "rft"]) is None, t["completion"]
+        assert "the pool :" in t["prompt"]

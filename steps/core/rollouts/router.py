@@ -74,7 +74,7 @@ ROUTER_MARK = "you may call a model of the pool"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _LAST_SEARCH = re.compile(r"<search>(.*?)</search>\s*$", re.S)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
-_OUR_TAGS = re.compile(r"</?(?:think|search|information|answer)>")
+OUR_TAGS = re.compile(r"</?(?:think|search|information|answer)>")
 _PLACEHOLDERS = frozenset({"", "query", "your-query", "your query", "..."})
 
 
@@ -141,6 +141,16 @@ def documents_span(prompt_text: str) -> str:
     """The `documents : ...` span of the last user turn (without the question), or ''."""
     start, end = prompt_text.rfind("documents : "), prompt_text.rfind(" question : ")
     return prompt_text[start + len("documents : "):end].strip() if 0 <= start < end else ""
+
+
+def member_prompt(backend: Any, span: str, query: str, key: str) -> P.Prompt:
+    """A member's prompt: the documents span and the query in the pipeline's user-turn format,
+    rendered by the member's own tokenizer (chat messages only for a server without one)."""
+    docs = f"documents : {span} " if span else ""
+    msgs = ({"role": "user", "content": f"{docs}question : {query} {P.INSTRUCTION}"},)
+    mtok = getattr(backend, "tokenizer", None)
+    text = mtok.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=True) if mtok is not None else ""
+    return P.Prompt(messages=msgs, text=text, key=key)
 
 
 _BACKENDS: dict[str, Any] = {}
@@ -368,17 +378,12 @@ class RouterRollout:
                 r.stats[f"calls_{name}"] += 1
                 r.stats[f"tokens_{name}"] += int(c.completion_tokens)
                 r.stats["cost"] += int(c.completion_tokens) * self.prices[name] / 1e6
-                answers[i] = _OUR_TAGS.sub(" ", P.split_completion(c.text)[1]).strip() or "no answer"
+                answers[i] = OUR_TAGS.sub(" ", P.split_completion(c.text)[1]).strip() or "no answer"
         for i, r in enumerate(rows):
             self._insert(r, answers[i], sampling.max_new_tokens)
 
     def _member_prompt(self, backend: Any, r: _Row, query: str, name: str) -> P.Prompt:
-        docs = f"documents : {r.span} " if r.span else ""
-        msgs = ({"role": "user", "content": f"{docs}question : {query} {P.INSTRUCTION}"},)
-        key = f"{r.prompt.key}/{r.j}/{name}/{r.stats['rounds']}"
-        mtok = getattr(backend, "tokenizer", None)
-        text = mtok.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=True) if mtok is not None else ""
-        return P.Prompt(messages=msgs, text=text, key=key)
+        return member_prompt(backend, r.span, query, f"{r.prompt.key}/{r.j}/{name}/{r.stats['rounds']}")
 
     def _insert(self, r: _Row, answer: str, budget: int) -> None:
         tok = self.tokenizer
