@@ -44,9 +44,18 @@ from steps.core.metrics import exact_match, extract_answer, max_over, token_f1
 from steps.core.schemas import EXAMPLES, PREDICTIONS, read_validated, validate
 
 log = logging.getLogger(__name__)
-# The code a prediction depends on (its resume key covers their sources).
+# The code a prediction depends on (its resume key covers their sources, and every rollout module's).
 CODE = ("steps.evaluate", "steps.core.backends", "steps.core.prompts", "steps.core.judges", "steps.core.metrics",
-        "steps.core.modeling", "steps.core.rollouts", "steps.core.rollouts.plain")
+        "steps.core.modeling", "steps.core.rollouts")
+
+
+def rollout_modules() -> tuple[str, ...]:
+    """Every module of the rollouts package: a protocol may live in any of them (plugins)."""
+    import pkgutil
+
+    from steps.core import rollouts
+
+    return tuple(f"steps.core.rollouts.{m.name}" for m in pkgutil.iter_modules(rollouts.__path__))
 
 
 @dataclass(frozen=True)
@@ -65,12 +74,19 @@ class EvaluateConfig:
     seed: int = help_field(0, "from base.seed")
 
 
+def response_of(completion: Any) -> str:
+    """The response a judge reads: the rollout's own (`meta["response"]`, for completions that are
+    not `<think> T </think> R`, e.g. a routed one), else the text after the thinking."""
+    response = completion.meta.get("response")
+    return response if isinstance(response, str) else P.split_completion(completion.text)[1]
+
+
 def score(example: dict[str, Any], verdict: Any, completion: Any, model: str,
           profile: dict[str, int]) -> dict[str, Any]:
     """One prediction row from a RolloutCompletion and its verdict."""
     from steps.core.modeling import decode_flops, prefill_flops
 
-    _, response = P.split_completion(completion.text)
+    response = response_of(completion)
     predicted = extract_answer(response)
     is_musique = example["dataset"] == "musique"
     n_tokens = len(completion.token_ids)
@@ -124,7 +140,7 @@ def evaluate_model(cfg: EvaluateConfig, name: str, model_dir: str, examples: lis
     if todo:
         def persist(indices: list[int], comps: list[list[Any]]) -> None:
             exs = [todo[i] for i in indices]
-            verdicts = judge.judge(exs, [P.split_completion(c[0].text)[1] for c in comps])
+            verdicts = judge.judge(exs, [response_of(c[0]) for c in comps])
             shards.append([score(e, v, c[0], name, profile) for e, v, c in zip(exs, verdicts, comps)])
         print(f"evaluate: {name}: {len(todo)} of {len(examples)} examples to generate", file=sys.stderr)
         rollout.run([built[e["id"]] for e in todo], sampling, on_batch=persist)
@@ -149,7 +165,7 @@ def resume_key(cfg: EvaluateConfig, model_digest: str, protocol: str, options: d
     examples and the code (a killed run resumes only what the same inputs would write again)."""
     from steps.core.fingerprint import code_digest
 
-    return config_hash(dataclasses.asdict(cfg), model_digest, protocol, options, examples, code_digest(*CODE))
+    return config_hash(dataclasses.asdict(cfg), model_digest, protocol, options, examples, code_digest(*CODE, *rollout_modules()))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,11 +67,13 @@ def test_post_init_errors_say_what_to_do(tmp_path):
 
 
 def test_repository_params_load_for_every_stage():
-    from steps import dler, evaluate, export, judge, pretrain_demo, report, rft, sample
+    from steps import adacot, adaptthink, dler, evaluate, export, fusion, judge, pretrain_demo, relay, report, rft, sample
     from steps.core.registry import load_registry
     for cls, name in [(IngestConfig, "ingest"), (pretrain_demo.PretrainDemoConfig, "pretrain_demo"),
                       (sample.SampleConfig, "sample"), (judge.JudgeConfig, "judge"), (rft.RftConfig, "rft"),
-                      (GrpoConfig, "grpo"), (dler.DlerConfig, "dler"), (evaluate.EvaluateConfig, "evaluate"),
+                      (GrpoConfig, "grpo"), (dler.DlerConfig, "dler"), (adaptthink.AdaptThinkConfig, "adaptthink"),
+                      (adacot.AdacotConfig, "adacot"), (fusion.FusionConfig, "fusion"), (relay.RelayConfig, "relay"),
+                      (evaluate.EvaluateConfig, "evaluate"),
                       (report.ReportConfig, "report"), (export.ExportConfig, "export")]:
         load_config(cls, name, "params.yaml")
     rows = load_registry("params.yaml")

@@ -110,9 +110,12 @@ def test_every_registered_reward_runs_from_the_command_line(tmp_path, musique_ex
              "ref_length": 20, "completion_ids": [1] * 8, "group": 0},
             {**musique_example, "id": "2hop__2", "completion": "the answer is sarnia .", "ref_length": 20,
              "completion_ids": [1] * 30, "group": 1}]
+    # the hybrid-thinking rewards' columns (steps/core/rewards/hybrid.py) and the router's (router.py)
+    rows = [{**r, "ref_accuracy": 0.5, "forced_nothinking": False, "hops": 2, "cost": 0.0} for r in rows]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    expected = {"correctness": [1.0, 0.0], "length": [1.0, 0.0], "truncated_correctness": [1.0, 0.0]}
+    expected = {"correctness": [1.0, 0.0], "length": [1.0, 0.0], "truncated_correctness": [1.0, 0.0],
+                "adaptthink": [0.5, -0.5], "adacot_trigger": [0.0, -1.0]}  # row 2 has no think block
     for name in REWARDS:
         opts = {"lambda_lower": 0.2, "lambda_upper": 0.5, "epsilon_frac": 0.25} if name == "length" else {}
         proc = subprocess.run([sys.executable, "-m", "steps.core.rewards", "score", "--reward", name,

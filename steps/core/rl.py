@@ -7,7 +7,9 @@ in params) and its rollout (steps.core.rollouts, by protocol name); `train_rl` d
   its ownership mask becomes TRL's `env_mask`, so inserted tokens (a teacher's, a routed model's)
   carry no loss and are not counted in `completions/mean_length`; the rewards get `policy_tokens`
   for the same reason. The end-of-sequence token of a finished completion is part of the
-  completion (the policy must learn to stop), as in TRL's own generation.
+  completion (the policy must learn to stop), as in TRL's own generation. A rollout may hand
+  the rewards per-completion columns of its own (`meta["reward_columns"]`, e.g. AdaptThink's
+  `forced_nothinking`); they reach the reward functions as dataset columns do.
 - **Rewards** are added as Σ wᵢ·rᵢ (TRL's `reward_weights`), from the registry.
 - **Advantages** (`advantage`): `group` z-score over the K completions of a prompt (GRPO, the
   LiveThinking paper), `batch` (group mean removed, divided by the batch's std: DLER's batch-level
@@ -19,6 +21,9 @@ in params) and its rollout (steps.core.rollouts, by protocol name); `train_rl` d
   reused (`num_iterations > 1` or `steps_per_generation > 1`); otherwise the ratio is exactly 1
   and the clip (`epsilon`, `epsilon_high`) never acts — the loss is then the plain policy
   gradient with advantages. The override forces the computation.
+- **Importance sampling level** (`importance_sampling_level`): the ratio per token (`token`,
+  GRPO's), or one per sequence from the mean per-token log-ratio (`sequence`, as AdaptThink's
+  reference computes it).
 """
 from __future__ import annotations
 
@@ -51,6 +56,8 @@ class RLConfig:
     epsilon_high: float | None = help_field(None, "upper clip (null: = epsilon; DLER raises it)", ge=0.0)
     num_iterations: int = help_field(1, "optimisation passes over each generation batch (>1 makes the ratio and "
                                         "its clip act)", ge=1)
+    importance_sampling_level: Literal["token", "sequence"] = help_field(
+        "token", "the clipped ratio per token, or per sequence (mean log-ratio: AdaptThink's reference)")
     advantage: Literal["group", "batch", "none", "raw"] = help_field("group", "advantage normalisation (module "
                                                                              "docstring)")
     loss_type: str = help_field("grpo", "TRL loss type (grpo: per-sequence mean, as in the GRPO paper)")
@@ -92,10 +99,12 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
             stop = c.finish_reason == "stop" and eos is not None
             completion_ids.append(list(c.token_ids) + ([eos] if stop else []))
             masks.append(list(c.mask) + ([1] if stop else []))
+        columns = sorted({k for c in outs for k in c.meta.get("reward_columns", {})})
         return {"prompt_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts],
                 "completion_ids": completion_ids, "logprobs": None, "env_mask": masks,
                 "policy_tokens": [c.policy_tokens for c in outs],
-                "external_tokens": [c.external_tokens for c in outs]}
+                "external_tokens": [c.external_tokens for c in outs],
+                **{k: [c.meta.get("reward_columns", {}).get(k) for c in outs] for k in columns}}
     return run
 
 
@@ -155,6 +164,7 @@ def train_rl(cfg: RLConfig, rows: list[dict[str, Any]], policy: str, out_dir: Pa
                       max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                       beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                       num_iterations=cfg.num_iterations, loss_type=cfg.loss_type,
+                      importance_sampling_level=cfg.importance_sampling_level,
                       scale_rewards="none" if cfg.advantage == "raw" else cfg.advantage,
                       reward_weights=weights, remove_unused_columns=False, log_completions=False,
                       router_aux_loss_coef=cfg.lambda_aux if is_moe else None,

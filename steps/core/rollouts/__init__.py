@@ -33,7 +33,10 @@ class RolloutCompletion:
     prompt_tokens: int
     finish_reason: str              # stop | length | failed
     latency_s: float = 0.0
-    meta: dict[str, Any] = field(default_factory=dict)  # calls, external tokens, cost, ...
+    # calls, external tokens, cost, ...: numbers become report columns `extras/<key>`;
+    # `reward_columns` reach the rewards in training (steps.core.rl); `response`, a string, is the
+    # response the judge reads when the text is not `<think> T </think> R` (steps.evaluate)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.mask) != len(self.token_ids):
