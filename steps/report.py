@@ -30,6 +30,7 @@ class Claim:
     kind: Literal["diff", "ratio"] = help_field("diff", "diff: model - vs; ratio: model / vs")
     op: Literal[">=", "<="] = help_field(">=", "how the measured value must relate to target")
     target: float = help_field(0.0, "the bound")
+    dataset: str | None = help_field(None, "the eval set it is checked on (null: report.claims_dataset)")
 
     @property
     def text(self) -> str:
@@ -40,7 +41,7 @@ class Claim:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    claims_dataset: str = help_field("musique", "the dataset the claims are checked on")
+    claims_dataset: str = help_field("musique", "the dataset a claim is checked on unless it names one")
     claims: tuple[dict, ...] = field(default=(), metadata={"help": "list of Claim mappings"})
 
     def parsed_claims(self, where: str = "report") -> list[Claim]:
@@ -113,6 +114,14 @@ def check_claims(summary: dict[str, Any], claims: list[Claim], dataset: str) -> 
         holds = value >= c.target if c.op == ">=" else value <= c.target
         out.append({"claim": c.text, "value": round(value, 4), "target": c.target, "holds": bool(holds)})
     return out
+
+
+def check_all(summary: dict[str, Any], claims: list[Claim], default_dataset: str) -> dict[str, list[dict[str, Any]]]:
+    """{dataset: checked claims}: each claim on its own dataset, or on `default_dataset`."""
+    by_dataset: dict[str, list[Claim]] = {}
+    for c in claims:
+        by_dataset.setdefault(c.dataset or default_dataset, []).append(c)
+    return {ds: check_claims(summary, cs, ds) for ds, cs in by_dataset.items()}
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preds, stats, missing = gather(Path(args.evaluations), rows)
     summary = summarise(preds, stats)
     summary["not_evaluated"] = missing
-    summary["claims"] = {cfg.claims_dataset: check_claims(summary, claims, cfg.claims_dataset)}
+    summary["claims"] = check_all(summary, claims, cfg.claims_dataset)
     summary["models"] = {n: {"stage": r.stage, "protocol": r.protocol, "compare_to": r.compare_to,
                              "model_digest": stats[n].get("model_digest")} for n, r in rows.items() if n in stats}
     out = Path(args.out)

@@ -154,3 +154,14 @@ def test_rule_judge_musique_helpfulness_by_hop_count():
     b1, b2 = three["bridge"]
     assert ch(three, f"the answer is {three['answers'][0]} . this is because {b1} and {b2}") == (1, 1)
     assert ch(three, f"the answer is {three['answers'][0]} . this is because {b1}") == (1, 0)
+
+
+def test_claims_are_checked_on_their_own_dataset():
+    from steps.report import Claim, check_all
+    summary = {"datasets": {"musique": {"a": {"correctness": 0.6}, "b": {"correctness": 0.5}},
+                            "ecommerce": {"a": {"correctness": 0.4}, "b": {"correctness": 0.5}}}}
+    claims = [Claim(model="a", metric="correctness", vs="b"),                       # musique: +0.1 holds
+              Claim(model="a", metric="correctness", vs="b", dataset="ecommerce")]  # ecommerce: -0.1 fails
+    out = check_all(summary, claims, "musique")
+    assert [c["holds"] for c in out["musique"]] == [True] and [c["holds"] for c in out["ecommerce"]] == [False]
+    assert out["ecommerce"][0]["value"] == -0.1
