@@ -119,7 +119,12 @@ def test_the_slm_phase_without_labels_says_what_is_missing(policy, tmp_path):
 
     rows, policy_dir = policy
     with pytest.raises(ValueError, match="hops >= 2"):
-        train_adacot(AdacotConfig(slm_steps=1), [{**r, "prompt": "x"} for r in rows], str(policy_dir), tmp_path)
+        # rows without a hop count (real data that carries none) or none that needs a CoT
+        unlabelled = [{**{k: v for k, v in r.items() if k != "hops"}, "prompt": "x"} for r in rows]
+        train_adacot(AdacotConfig(slm_steps=1), unlabelled, str(policy_dir), tmp_path)
+    with pytest.raises(ValueError, match="hops >= 2"):
+        train_adacot(AdacotConfig(slm_steps=1), [{**r, "hops": 1, "prompt": "x"} for r in rows], str(policy_dir),
+                     tmp_path)
 
 
 def test_the_config_needs_the_trigger_penalties():

@@ -69,7 +69,7 @@ class RuleJudge:
         else:  # a 1-hop question: helpful when the response cites the fact that answers it
             tokens = set(content_tokens(response))
             helpful = int(any(_recall(ex["documents"][i], tokens) >= self.recall_threshold
-                              for i in ex["helpful_doc_idxs"]))
+                              for i in ex.get("helpful_doc_idxs", ())))
         why = (f"answer {predicted!r} {'matches' if correct else 'does not match'} {ex['answers'][:3]}; "
                + (f"bridge missing {missing}" if missing else "bridge facts present" if ex["bridge"]
                   else "supporting fact cited" if helpful else "no bridge, supporting fact not cited"))
