@@ -99,7 +99,11 @@ def write_trace(ex: dict[str, Any], rng: random.Random, pool: list[dict[str, Any
     think: list[str] = []
     if rng.random() < 0.5:
         think.append(f"the question is : {ex['question']}")
-    think += [rng.choice(FILLERS) for _ in range(rng.randint(0, max_fillers))]
+    # Filler sentences at most once each and in a fixed order: drawn with replacement, they
+    # taught greedy decoding to loop on them until the token budget ran out (the teacher's
+    # 1-hop answers, whose prompts are shortest, were nearly all such loops).
+    n_fillers = min(rng.randint(0, max_fillers), len(FILLERS))
+    think += [FILLERS[i] for i in sorted(rng.sample(range(len(FILLERS)), n_fillers))]
     think += facts
     if max_fillers and rng.random() < 0.5:
         think += ["let me check the documents again .", *facts]

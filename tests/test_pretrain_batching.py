@@ -45,3 +45,24 @@ def test_micro_batches_give_the_loss_and_gradient_of_one_padded_batch(tmp_path, 
     if arch is TINY_DENSE:  # and sorting into parts pays off: less padding than one batch
         assert sum(max(len(s) for _, s in part) * len(part) for part in (sorted(seqs, key=lambda x: len(x[1]))[:3],
                    sorted(seqs, key=lambda x: len(x[1]))[3:])) < width * len(seqs)
+
+
+def test_teacher_traces_never_repeat_a_filler_and_keep_their_order():
+    """Fillers drawn with replacement taught greedy decoding to loop on them; each appears at most
+    once, in FILLERS order, so a filler run always moves forward and ends."""
+    import random
+
+    from steps.core import synth
+    from steps.ingest import parse_musique
+    from steps.pretrain_demo import FILLERS, write_trace
+
+    ex, _ = parse_musique(list(enumerate(synth.musique_rows(60, 0, {1: 1, 4: 1}), 1)), "synthetic")
+    rng = random.Random(0)
+    counts = set()
+    for e in ex:
+        think = write_trace(e, rng, ex, 0.0, 0.0, 6)
+        found = [i for i, f in enumerate(FILLERS) if f in think]
+        positions = [think.index(FILLERS[i]) for i in found]
+        assert positions == sorted(positions) and all(think.count(FILLERS[i]) == 1 for i in found)
+        counts.add(len(found))
+    assert {0, 6} <= counts or len(counts) >= 5  # the verbosity still varies from none to many
