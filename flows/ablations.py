@@ -1,15 +1,17 @@
 """Ablations as DVC experiments, then their report.
 
 Every distinct (overrides, seed) of ablations.yaml is one `dvc exp run -n <run> -S key=value ...
-report` in this workspace, one after the other, so that all of them share its DVC cache and run
-cache: a stage whose inputs a previous run already saw is restored, not re-run (the teacher's and
-the student base's evaluations are made once). The experiments stop at the report: export and
-promote would register every variant in the model registry. Right after a run, its
-reports/summary.json and the RL stages' data/<stage>/train_log.csv are copied to
-reports/ablations/runs/<run>/ with a run.json; a run whose copy exists with the same
-settings is skipped, so an interrupted flow resumes. At the end the workspace is put back as it
-was, also when a run fails or the flow is killed (the next start restores first): params.yaml,
-dvc.lock and the outputs DVC does not cache from a snapshot, the rest by `dvc checkout`.
+evaluate@<row> ...` in this workspace, one after the other: the rows are the main job's, the
+variant's and those it is compared to, never a sibling method the variant does not need. All runs
+share the workspace's DVC cache and run cache: a stage whose inputs a previous run already saw is
+restored, not re-run (the teacher's and the student base's evaluations are made once). The
+experiments stop at the evaluations: export and promote would register every variant in the
+model registry. Right after a run, `steps.report --rows` writes its summary into
+reports/ablations/runs/<run>/ and the RL stages' data/<stage>/train_log.csv are copied there with
+a run.json; a run whose copy exists with the same settings and rows is skipped, so an interrupted
+flow resumes. At the end the workspace is put back as it was, also when a run fails or the flow
+is killed (the next start restores first): params.yaml, dvc.lock and the outputs DVC does not
+cache from a snapshot, the rest by `dvc checkout`.
 Then steps/ablations.py writes the report.
 
     python -m flows.ablations                            # every variant
@@ -43,7 +45,14 @@ def dvc_command(run: report_step.Run) -> list[str]:
     cmd = ["dvc", "exp", "run", "-n", run.name]
     for key, value in run.settings.items():
         cmd += ["-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
-    return cmd + ["report"]
+    # Only what the run reports: `report` would pull in every sibling method's training through
+    # its dependency on data/evaluate; the run's summary is written from its rows after it.
+    return cmd + ([f"evaluate@{r}" for r in run.rows] if run.rows else ["report"])
+
+
+def report_command(run: report_step.Run, dest: Path) -> list[str]:
+    """The run's own summary (summary.json, .md, plots) into its copy, from the rows it evaluated."""
+    return [sys.executable, "-m", "steps.report", "--out", str(dest)] + (["--rows", *run.rows] if run.rows else [])
 
 
 def is_copied(run: report_step.Run, runs_dir: Path) -> bool:
@@ -51,7 +60,8 @@ def is_copied(run: report_step.Run, runs_dir: Path) -> bool:
     if not meta.exists():
         return False
     done = read_json(meta)
-    return (done.get("overrides"), done.get("seed"), done.get("settings")) == (run.overrides, run.seed, run.settings)
+    return ((done.get("overrides"), done.get("seed"), done.get("settings"), tuple(done.get("rows") or ()))
+            == (run.overrides, run.seed, run.settings, run.rows))
 
 
 def workspace_files(dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
@@ -151,7 +161,10 @@ def run_experiment(run: report_step.Run, runs_dir: Path, env: dict[str, str]) ->
     dest = runs_dir / run.name
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    shutil.copy2("reports/summary.json", dest / "summary.json")
+    if run.rows:
+        _stream(report_command(run, dest), {**env, "PIPELINE_EXPERIMENT": run.name}, run.name, logger)
+    else:
+        shutil.copy2("reports/summary.json", dest / "summary.json")
     # grpo's log is the one the ablation report plots (train_log.csv); every RL stage's is kept.
     if Path("data/grpo/train_log.csv").exists():
         shutil.copy2("data/grpo/train_log.csv", dest / "train_log.csv")
@@ -159,7 +172,7 @@ def run_experiment(run: report_step.Run, runs_dir: Path, env: dict[str, str]) ->
         shutil.copy2(log, dest / f"{log.parent.name}_train_log.csv")
     # Written last: a copy without run.json is unfinished and is run again.
     write_json(dest / "run.json", {"name": run.name, "seed": run.seed, "overrides": run.overrides,
-                                   "settings": run.settings, "command": dvc_command(run),
+                                   "settings": run.settings, "rows": list(run.rows), "command": dvc_command(run),
                                    "seconds": round(seconds, 1), "finished_unix": int(time.time())})
     logger.info("%s: done in %.0f s, copied to %s", run.name, seconds, dest)
 
@@ -180,7 +193,7 @@ def ablations(only: list[str] | None = None, dry_run: bool = False, variants_fil
     if unknown:
         raise ValueError(f"{variants_file}: no variant(s) {unknown}; known: {[v.name for v in variants]}")
     chosen = [v for v in variants if not only or v.name in only]
-    runs = report_step.plan_runs(chosen, (params.get("base") or {}).get("seed", 0), report_step.seed_keys(rows))
+    runs = report_step.plan_runs(chosen, (params.get("base") or {}).get("seed", 0), report_step.seed_keys(rows), rows)
     todo = [r for r in runs if not is_copied(r, Path(runs_dir))]
     for r in runs:
         logger.info("%-28s %s  %s", r.name, "to run " if r in todo else "copied ", " ".join(dvc_command(r)))

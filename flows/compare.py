@@ -38,7 +38,7 @@ def compare(dry_run: bool = False, runs_dir: str = str(RUNS), out: str = "report
     logger = get_run_logger()
     params = load_params()
     rows = load_registry(params=params)
-    runs = A.plan_runs(report_step.variants(rows), (params.get("base") or {}).get("seed", 0), A.seed_keys(rows))
+    runs = A.plan_runs(report_step.variants(rows), (params.get("base") or {}).get("seed", 0), A.seed_keys(rows), rows)
     todo = [r for r in runs if not is_copied(r, Path(runs_dir))]
     for r in runs:
         logger.info("%-16s %s  %s", r.name, "to run " if r in todo else "copied ", " ".join(dvc_command(r)))

@@ -21,7 +21,7 @@ import argparse
 import csv
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class Run:
     seed: int
     overrides: dict[str, Any]  # the variant's
     settings: dict[str, Any]   # what `dvc exp run -S` sets: the overrides plus the seed keys
+    rows: tuple[str, ...] = ()  # registry rows it evaluates (empty: all of them, through `report`)
 
 
 def _lookup(params: dict[str, Any], dotted: str) -> bool:
@@ -116,11 +117,17 @@ def load_variants(path: Path | str, params: dict[str, Any] | None = None, rows: 
     return out
 
 
-def plan_runs(variants: list[Variant], base_seed: int, keys: tuple[str, ...]) -> list[Run]:
+def plan_runs(variants: list[Variant], base_seed: int, keys: tuple[str, ...],
+              rows: dict[str, Any] | None = None) -> list[Run]:
     """One run per distinct (overrides, seed), named after the first variant that needs it
     (`default` when there are no overrides); in variant order, seeds innermost. A seed other
-    than `base_seed` sets every key of `keys` (the trained stages' seeds)."""
+    than `base_seed` sets every key of `keys` (the trained stages' seeds).
+
+    With the registry (`rows`), a run evaluates only what its variants need: the main job's rows,
+    each variant's row and the rows it is compared to, in registry order. Without it a run makes
+    every row, the sibling methods included."""
     runs: dict[str, Run] = {}
+    needed: dict[str, set[str]] = {}
     for v in variants:
         for seed in v.seeds:
             key = _run_key(v.overrides, seed)
@@ -129,7 +136,21 @@ def plan_runs(variants: list[Variant], base_seed: int, keys: tuple[str, ...]) ->
                 if seed != base_seed:
                     settings.update({k: seed for k in keys})
                 runs[key] = Run(f"{v.name if v.overrides else 'default'}-s{seed}", seed, dict(v.overrides), settings)
-    return list(runs.values())
+                needed[key] = set()
+            needed[key] |= _with_references(v.model, rows or {})
+    if rows is None:
+        return list(runs.values())
+    main = {n for n, r in rows.items() if r.main}
+    return [replace(r, rows=tuple(n for n in rows if n in main | needed[k])) for k, r in runs.items()]
+
+
+def _with_references(name: str, rows: dict[str, Any]) -> set[str]:
+    """`name` and the chain of rows it is compared to (compare_to of compare_to ...)."""
+    out: set[str] = set()
+    while name in rows and name not in out:
+        out.add(name)
+        name = rows[name].compare_to
+    return out
 
 
 def _run_key(overrides: dict[str, Any], seed: int) -> str:

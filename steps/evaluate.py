@@ -74,19 +74,12 @@ class EvaluateConfig:
     seed: int = help_field(0, "from base.seed")
 
 
-def response_of(completion: Any) -> str:
-    """The response a judge reads: the rollout's own (`meta["response"]`, for completions that are
-    not `<think> T </think> R`, e.g. a routed one), else the text after the thinking."""
-    response = completion.meta.get("response")
-    return response if isinstance(response, str) else P.split_completion(completion.text)[1]
-
-
 def score(example: dict[str, Any], verdict: Any, completion: Any, model: str,
           profile: dict[str, int]) -> dict[str, Any]:
     """One prediction row from a RolloutCompletion and its verdict."""
     from steps.core.modeling import decode_flops, prefill_flops
 
-    response = response_of(completion)
+    response = completion.response_text
     predicted = extract_answer(response)
     is_musique = example["dataset"] == "musique"
     n_tokens = len(completion.token_ids)
@@ -140,7 +133,7 @@ def evaluate_model(cfg: EvaluateConfig, name: str, model_dir: str, examples: lis
     if todo:
         def persist(indices: list[int], comps: list[list[Any]]) -> None:
             exs = [todo[i] for i in indices]
-            verdicts = judge.judge(exs, [response_of(c[0]) for c in comps])
+            verdicts = judge.judge(exs, [c[0].response_text for c in comps])
             shards.append([score(e, v, c[0], name, profile) for e, v, c in zip(exs, verdicts, comps)])
         print(f"evaluate: {name}: {len(todo)} of {len(examples)} examples to generate", file=sys.stderr)
         rollout.run([built[e["id"]] for e in todo], sampling, on_batch=persist)

@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--evaluations", default="data/evaluate")
     ap.add_argument("--out", default="reports")
+    ap.add_argument("--rows", nargs="+", metavar="NAME",
+                    help="report only these rows of the registry (an experiment that evaluated only them)")
     args = ap.parse_args(argv)
     cfg = load_config(ReportConfig, "report", args.params)
     claims = cfg.parsed_claims(f"{args.params}: section 'report'")
@@ -217,6 +219,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if name not in rows:
                 raise ConfigError(f"{args.params}: section 'report': claim {c.text!r} names {name!r}, "
                                   f"which is not a row of `models` ({list(rows)})")
+    if args.rows:
+        unknown = sorted(set(args.rows) - set(rows))
+        if unknown:
+            raise ConfigError(f"--rows: {unknown} are not rows of `models` in {args.params} ({list(rows)})")
+        rows = {n: r for n, r in rows.items() if n in args.rows}
+        claims = [c for c in claims if c.model in rows and c.vs in rows]
     preds, stats, missing = gather(Path(args.evaluations), rows)
     summary = summarise(preds, stats)
     summary["not_evaluated"] = missing

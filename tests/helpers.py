@@ -76,10 +76,14 @@ def overlay(params: dict, preset: dict) -> dict:
     return params
 
 
-def pipeline_workspace(ws: Path, *presets: dict) -> dict[str, str]:
+def pipeline_workspace(ws: Path, *presets: dict, methods: bool = False) -> dict[str, str]:
     """The pipeline's code and dvc.yaml in `ws`, with params.yaml overlaid by tests/micro.yaml
     and then `presets`, as a fresh git + DVC repository. Returns the environment to run it in:
-    this venv's tools first, tracking on, to a SQLite store in `ws` (git ignores it)."""
+    this venv's tools first, tracking on, to a SQLite store in `ws` (git ignores it).
+
+    Unless `methods`, the workspace is the main job alone (the registry's `main: false` rows and
+    the stages only they need are left out): a test of storage, serving or back ends would
+    otherwise train every sibling method at each `dvc repro` (tests/test_pipeline.py runs them)."""
     for item in ("steps", "flows", "dvc.yaml", ".dvcignore"):
         src = ROOT / item
         if src.is_dir():
@@ -89,6 +93,14 @@ def pipeline_workspace(ws: Path, *presets: dict) -> dict[str, str]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for preset in (yaml.safe_load((ROOT / "tests" / "micro.yaml").read_text()), *presets):
         overlay(params, preset)
+    if not methods:
+        from steps.core.registry import load_registry, side_stages
+
+        side = side_stages(load_registry(params=params))
+        params["models"] = {k: v for k, v in params["models"].items() if v.get("main", True)}
+        pipeline = yaml.safe_load((ws / "dvc.yaml").read_text())
+        pipeline["stages"] = {k: v for k, v in pipeline["stages"].items() if k not in side}
+        (ws / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (ws / ".gitignore").write_text("mlflow.db\n.prefect/\n__pycache__/\n")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PIPELINE_TRACKING": "on",

@@ -114,6 +114,32 @@ def test_plan_shares_runs_and_seeds_only_what_differs():
     assert plan_runs(VARIANTS[:1], base_seed=5, keys=KEYS)[0].settings == {"rft.seed": 0, "grpo.seed": 0}
 
 
+def test_a_run_evaluates_the_main_job_and_its_variants_rows_only():
+    """An ablation of the main job must not retrain the sibling methods (adaptthink, relay, ...):
+    each run names its evaluate@ targets; a sibling variant adds its row and what it is compared to."""
+    from flows.ablations import dvc_command
+    from steps.core.registry import load_registry
+
+    rows = load_registry(params={"models": {
+        "teacher": {"stage": "pretrain_demo", "path": "t", "fixed": True},
+        "student_base": {"stage": "pretrain_demo", "path": "s", "fixed": True, "compare_to": "teacher"},
+        "rft": {"stage": "rft", "path": "r", "compare_to": "student_base", "seeds": [0, 1]},
+        "rft_grpo": {"stage": "grpo", "path": "g", "compare_to": "rft", "seeds": [0, 1]},
+        "side": {"stage": "side", "path": "x", "compare_to": "rft", "main": False, "seeds": [0, 1]},
+        "side_baseline": {"stage": "side_b", "path": "y", "compare_to": "rft", "main": False},
+        "side_variant": {"stage": "side_v", "path": "z", "compare_to": "side_baseline", "main": False},
+    }})
+    main = ("teacher", "student_base", "rft", "rft_grpo")
+    runs = plan_runs([Variant("rft_grpo", "rft_grpo", {}, (0, 1)), Variant("side", "side", {}, (1,)),
+                      Variant("sv", "side_variant", {"side_v.k": 2}, (0,))], 0, KEYS, rows)
+    assert [(r.name, r.rows) for r in runs] == [
+        ("default-s0", main), ("default-s1", (*main, "side")),  # side's seed 1 shares the default run
+        ("sv-s0", (*main, "side_baseline", "side_variant"))]   # the chain of compare_to rows
+    assert dvc_command(runs[1])[-5:] == [f"evaluate@{r}" for r in (*main, "side")]
+    assert "report" not in dvc_command(runs[1])
+    assert plan_runs([Variant("x", "side", {}, (0,))], 0, KEYS)[0].rows == ()  # no registry: every row
+
+
 def test_variants_file_errors_name_the_variant_and_field(tmp_path):
     p = tmp_path / "ablations.yaml"
     params = {"grpo": {"beta": 0.0}, "judge": {"keep": "all"}}

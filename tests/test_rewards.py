@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from steps.core.rewards import REWARDS, check_spec, make_rewards
+from steps.core.rewards import COLUMNS, REWARDS, check_spec, make_rewards
 from steps.core.rewards.dler import make_truncated_correctness
 from steps.core.rewards.livethinking import SharedVerdicts, length_reward, make_format, make_length
 
@@ -110,8 +110,8 @@ def test_every_registered_reward_runs_from_the_command_line(tmp_path, musique_ex
              "ref_length": 20, "completion_ids": [1] * 8, "group": 0},
             {**musique_example, "id": "2hop__2", "completion": "the answer is sarnia .", "ref_length": 20,
              "completion_ids": [1] * 30, "group": 1}]
-    # the hybrid-thinking rewards' columns (steps/core/rewards/hybrid.py) and the router's (router.py)
-    rows = [{**r, "ref_accuracy": 0.5, "forced_nothinking": False, "hops": 2, "cost": 0.0} for r in rows]
+    # the columns that methods' stages add (each reward module's COLUMNS)
+    rows = [{**r, **COLUMNS} for r in rows]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     expected = {"correctness": [1.0, 0.0], "length": [1.0, 0.0], "truncated_correctness": [1.0, 0.0],

@@ -137,7 +137,7 @@ def test_one_round_inserts_the_members_answer_with_mask_zero(tok):
     m = c.meta
     assert (m["calls"], m["calls_rft"], m["calls_teacher"], m["tokens_rft"], m["rounds"]) == (1, 1, 0, 5, 1)
     assert m["cost"] == pytest.approx(5 * 3.0 / 1e6) and m["reward_columns"] == {"cost": m["cost"]}
-    assert m["response"] == "the answer is kestria ."
+    assert c.response == c.response_text == "the answer is kestria ."
 
 
 def test_the_policy_prompt_gets_the_routing_turn_with_the_pool(tok):
@@ -200,7 +200,7 @@ def test_single_call_rows_one_member_alone_or_one_drawn_per_prompt(tok):
     alone, _ = _rollout(tok, {}, members=members, protocol="route_member", member="teacher")
     (c,), = alone.run([_prompt(tok, "1")], GREEDY)
     assert c.meta["calls_teacher"] == 1 and c.meta["cost"] == pytest.approx(7 * 10.0 / 1e6)
-    assert c.meta["response"] == "the answer is kestria ." and c.policy_tokens == 0
+    assert c.response == "the answer is kestria ." and c.policy_tokens == 0
     rand, _ = _rollout(tok, {}, members=members, protocol="route_random")
     outs = [o[0] for o in rand.run([_prompt(tok, str(k)) for k in range(30)], GREEDY)]
     picked = [next(n for n in NAMES if o.meta[f"calls_{n}"]) for o in outs]

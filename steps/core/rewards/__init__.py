@@ -26,6 +26,9 @@ RewardFn = Callable[..., list[float | None]]
 
 
 REWARDS: dict[str, Callable[..., RewardFn]] = discover(__name__, __path__, "REWARDS")
+# Columns some reward reads that examples do not carry (a method's stage or rollout adds them),
+# each with an example value: declared by the reward's module as `COLUMNS = {name: value}`.
+COLUMNS: dict[str, Any] = discover(__name__, __path__, "COLUMNS")
 
 
 def check_spec(spec: dict[str, Any], where: str) -> None:

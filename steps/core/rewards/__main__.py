@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from steps.core.io import InputError, iter_jsonl
-from steps.core.rewards import REWARDS, check_spec
+from steps.core.rewards import COLUMNS, REWARDS, check_spec
 
 
 def score(name: str, options: dict[str, Any], rows: list[dict[str, Any]], source: str = "rows") -> list[float | None]:
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         for name, factory in sorted(REWARDS.items()):
             print(f"{name}{inspect.signature(factory)}")
+        print("columns beyond an example's own: " + ", ".join(f"{k} (e.g. {v!r})" for k, v in sorted(COLUMNS.items())))
         return 0
     try:
         options = json.loads(args.options)

@@ -157,3 +157,6 @@ def make_adacot_trigger(missed_cot: float = 1.0, unneeded_cot: float = 0.5, bad_
 
 
 REWARDS = {"adaptthink": make_adaptthink, "adacot_trigger": make_adacot_trigger}
+# Columns these rewards read that an example does not carry (the method's stage adds them), with a
+# value of the right type: `python -m steps.core.rewards list` shows them, the tests fill rows with them.
+COLUMNS = {"ref_accuracy": 0.5, "forced_nothinking": False}

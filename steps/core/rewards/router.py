@@ -211,3 +211,5 @@ REWARDS = {
     "router_outcome": make_outcome,
     "router_cost": make_cost,
 }
+# The column the rollout adds (steps/core/rollouts/router.py: reward_columns), with a value.
+COLUMNS = {"cost": 0.0}

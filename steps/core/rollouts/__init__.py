@@ -34,9 +34,17 @@ class RolloutCompletion:
     finish_reason: str              # stop | length | failed
     latency_s: float = 0.0
     # calls, external tokens, cost, ...: numbers become report columns `extras/<key>`;
-    # `reward_columns` reach the rewards in training (steps.core.rl); `response`, a string, is the
-    # response the judge reads when the text is not `<think> T </think> R` (steps.evaluate)
+    # `reward_columns` reach the rewards in training (steps.core.rl)
     meta: dict[str, Any] = field(default_factory=dict)
+    # The response the judge reads, for a protocol whose text is not `<think> T </think> R` (a
+    # routed one); None: the text after the thinking (`response_text`).
+    response: str | None = None
+
+    @property
+    def response_text(self) -> str:
+        from steps.core.prompts import split_completion
+
+        return self.response if self.response is not None else split_completion(self.text)[1]
 
     def __post_init__(self) -> None:
         if len(self.mask) != len(self.token_ids):

@@ -68,11 +68,11 @@ class SingleCallRollout:
         meta: dict[str, Any] = {"calls": 1, "rounds": 1, "failed_calls": 0,
                                 **{f"calls_{m.name}": int(m.name == name) for m in self.pool},
                                 **{f"tokens_{m.name}": int(c.completion_tokens) * (m.name == name) for m in self.pool},
-                                "cost": int(c.completion_tokens) * self.prices[name] / 1e6,
-                                "response": P.split_completion(c.text)[1]}
+                                "cost": int(c.completion_tokens) * self.prices[name] / 1e6}
         meta["reward_columns"] = {"cost": meta["cost"]}
         return RolloutCompletion(text=c.text, token_ids=ids, mask=(0,) * len(ids), prompt_tokens=c.prompt_tokens,
-                                 finish_reason=c.finish_reason, latency_s=c.latency_s, meta=meta)
+                                 finish_reason=c.finish_reason, latency_s=c.latency_s, meta=meta,
+                                 response=P.split_completion(c.text)[1])
 
     def close(self) -> None:
         self.backend.close()

@@ -397,12 +397,12 @@ class RouterRollout:
         text = self.tokenizer.decode(r.ids, skip_special_tokens=True).strip()
         found = _ANSWER.findall(text)
         meta: dict[str, Any] = {**r.stats, "information_tokens": len(r.mask) - sum(r.mask),
-                                "reward_columns": {"cost": r.stats["cost"]},
-                                "response": f"the answer is {found[-1].strip()} ." if found else ""}
+                                "reward_columns": {"cost": r.stats["cost"]}}
         for k in self.stats:
             self.stats[k] += r.stats[k]
         return RolloutCompletion(text=text, token_ids=tuple(r.ids), mask=tuple(r.mask), prompt_tokens=len(r.prompt_ids),
-                                 finish_reason=r.finish or "length", latency_s=latency, meta=meta)
+                                 finish_reason=r.finish or "length", latency_s=latency, meta=meta,
+                                 response=f"the answer is {found[-1].strip()} ." if found else "")
 
     def close(self) -> None:
         self.backend.close()
