@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 
-from flows.pipeline import StageFailed, _stream
+from flows.pipeline import StageFailed, _stream, exit_on_sigterm
 from steps import ablations as report_step
 from steps.core.io import read_json, write_json
 
@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the dvc commands, run nothing")
     ap.add_argument("--variants", default="ablations.yaml")
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     try:
         ablations(only=args.only, dry_run=args.dry_run, variants_file=args.variants)
     except StageFailed as e:

@@ -22,7 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.ablations import dvc_command, is_copied, run_all
-from flows.pipeline import StageFailed
+from flows.pipeline import StageFailed, exit_on_sigterm
 from steps import ablations as A
 from steps import methods as report_step
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the dvc commands, run nothing")
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     try:
         compare(dry_run=args.dry_run)
     except StageFailed as e:

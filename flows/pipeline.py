@@ -28,6 +28,18 @@ class StageFailed(RuntimeError):
     pass
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (a `kill`, a scheduler's stop, `timeout`) into SystemExit, as Ctrl-C already
+    is: Prefect stops its ephemeral API server (a uvicorn child) from an atexit hook, which a
+    process killed by the default SIGTERM action never runs, and the server was left behind."""
+    import signal
+
+    def _exit(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def stage_names(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     """Stages in dvc.yaml order (the file is the single source of truth), `foreach` stages
     expanded as DVC names them (evaluate@teacher, evaluate@rft, ...): one task each."""
@@ -42,13 +54,23 @@ def _stream(cmd: list[str], env: dict[str, str], stage: str, logger: Any) -> Non
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, **env}, bufsize=1) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            # tqdm redraws with carriage returns: keep only the last state of a line.
-            line = line.split("\r")[-1]
-            if line.strip():
-                tail.append(line)
-                logger.info("%s | %s", stage, line)
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                # tqdm redraws with carriage returns: keep only the last state of a line.
+                line = line.split("\r")[-1]
+                if line.strip():
+                    tail.append(line)
+                    logger.info("%s | %s", stage, line)
+        except BaseException:
+            # Stopped (SIGTERM, Ctrl-C, a failure): stop the stage too rather than wait for it;
+            # DVC releases its lock and the stage's own writes are atomic, so a re-run resumes.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if proc.returncode != 0:
         raise StageFailed(f"stage {stage} failed (exit {proc.returncode}); last lines:\n" + "\n".join(tail))
 
@@ -111,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", nargs="*", help="run only these stages (default: all, in dvc.yaml order)")
     ap.add_argument("--force", action="store_true", help="re-run stages even when DVC finds them up to date")
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     try:
         pipeline(stages=args.stages, force=args.force)
     except StageFailed as e:

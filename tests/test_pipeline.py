@@ -200,3 +200,35 @@ def test_a_new_method_is_files_and_params_only(workspace):
     bundle = (ws / "data/export/bundle/model.safetensors").read_bytes()
     assert bundle == (ws / "data/toy/model/model.safetensors").read_bytes()
     assert json.loads((ws / "data/export/bundle/meta.json").read_text())["source"] == "toy"
+
+
+def test_a_killed_flow_leaves_no_server_and_no_stage_running(workspace):
+    """SIGTERM to `python -m flows.pipeline` mid-stage (a scheduler's stop, `kill`, `timeout`):
+    the flow exits, and with it Prefect's ephemeral API server (a uvicorn child, stopped by an
+    atexit hook that the default SIGTERM action skips) and the stage's `dvc repro`; the stage
+    then re-runs cleanly."""
+    import signal
+
+    import psutil
+
+    ws, env = workspace
+    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--stages", "rft", "--force"], cwd=ws,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**env, "PREFECT_HOME": str(ws / ".prefect-kill"),
+                                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "dvc repro --single-item rft" in line:
+            break
+    time.sleep(3)  # the stage is training now
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert any("uvicorn" in " ".join(c.cmdline()) for c in children), "no ephemeral server?\n" + "".join(seen)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, [" ".join(p.cmdline()) for p in alive]
+    dvc(ws, env, "repro", "rft")
+    out, _ = dvc(ws, env, "status", "rft")
+    assert "changed" not in out, out

@@ -70,6 +70,7 @@ from typing import Any
 from steps.core.backends import SamplingParams, derive_seed, make_backend
 from steps.core.prompts import Prompt
 from steps.core.rollouts import RolloutCompletion
+from steps.core.rollouts.segments import generate_segments, single_token_id
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class RelayRollout:
         self.teacher_temperature = teacher_temperature
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.random_calls = random_calls
-        self._close_id = self._single_id(CALL_CLOSE)
+        self._close_id = single_token_id(self.tokenizer, CALL_CLOSE)
         self._can_close = self._close_id is not None or not self._spells_unknown(CALL_CLOSE)
         self._shared_vocab = self._vocab_shared()
         self._student_profile = _profile_of(backend)
@@ -197,10 +198,6 @@ class RelayRollout:
         self.stats = {"calls": 0, "malformed_calls": 0, "calls_over_limit": 0, "failed": 0}
 
     # --- tokenizer facts ------------------------------------------------------------------------
-    def _single_id(self, text: str) -> int | None:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids[0] if len(ids) == 1 and ids[0] != self.tokenizer.unk_token_id else None
-
     def _spells_unknown(self, text: str) -> bool:
         unk = self.tokenizer.unk_token_id
         return unk is not None and unk in self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -254,59 +251,24 @@ class RelayRollout:
             r.forced = sorted(rng.randrange(span) for _ in range(calls))
 
     def _student_step(self, rows: list[_Row], sampling: SamplingParams, budget: int) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        from steps.core.backends import RowSampler
-
-        tok, device = self.tokenizer, self.backend.device
         limits = []
         for r in rows:
             limit = budget - len(r.ids)
             if r.forced:
                 limit = min(limit, r.forced[0] - r.student_tokens)
             limits.append(limit)
-        start = max(len(r.prompt_ids) + len(r.ids) for r in rows)
-        batch = tok.pad({"input_ids": [r.prompt_ids + r.ids for r in rows]}, return_tensors="pt").to(device)
         # Segment 0 draws exactly as the plain back end does (same seed), later segments from their own stream.
         seeds = [derive_seed(sampling.seed, r.prompt.key, r.j) if r.segment == 0
                  else derive_seed(sampling.seed, r.prompt.key, r.j, "relay", r.segment) for r in rows]
-        sampler = (RowSampler(seeds, sampling.temperature, sampling.top_p, start, device)
-                   if sampling.temperature > 0 else None)
-        close_id, can_close, max_limit = self._close_id, self._can_close and self.random_calls is None, max(limits)
-        text_close = can_close and close_id is None
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **_):
-                n = input_ids.shape[1] - start
-                done = torch.tensor([n >= lim for lim in limits], device=input_ids.device)
-                if can_close and close_id is not None:
-                    done |= input_ids[:, -1] == close_id
-                elif text_close:
-                    tails = tok.batch_decode(input_ids[:, -8:], skip_special_tokens=True)
-                    done |= torch.tensor([t.rstrip().endswith(CALL_CLOSE) for t in tails], device=input_ids.device)
-                return done
-
-        eos_ids = set(self.backend._eos_ids())
-        with torch.inference_mode():
-            out = self.model.generate(**batch, do_sample=False, max_new_tokens=max(1, max_limit),
-                                      temperature=None, top_p=None, top_k=None,
-                                      logits_processor=[sampler] if sampler else None,
-                                      stopping_criteria=StoppingCriteriaList([Stop()]),
-                                      pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids))
-        gen = out[:, batch["input_ids"].shape[1]:].tolist()
-        for r, ids, limit in zip(rows, gen, limits, strict=True):
+        can_close = self._can_close and self.random_calls is None
+        stop_ids = {self._close_id} if can_close and self._close_id is not None else set()
+        stop_texts = (CALL_CLOSE,) if can_close and self._close_id is None else ()
+        segments = generate_segments(self.backend, [r.prompt_ids + r.ids for r in rows], seeds, limits,
+                                     sampling.temperature, sampling.top_p, stop_ids, stop_texts)
+        tok = self.tokenizer
+        for r, seg in zip(rows, segments, strict=True):
             r.segment += 1
-            kept, ended, closed = [], False, False
-            for t in ids[:limit]:
-                if t in eos_ids:
-                    ended = True
-                    break
-                kept.append(t)
-                if can_close and (t == close_id if close_id is not None
-                                  else tok.decode(kept[-8:], skip_special_tokens=True).rstrip().endswith(CALL_CLOSE)):
-                    closed = True
-                    break
+            kept, ended, closed = seg.ids, seg.ended, seg.closed
             r.ids += kept
             r.mask += [1] * len(kept)
             text = tok.decode(kept, skip_special_tokens=True) if can_close else ""

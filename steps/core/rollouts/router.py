@@ -62,6 +62,7 @@ from typing import Any
 from steps.core import prompts as P
 from steps.core.backends import SamplingParams, derive_seed, make_backend
 from steps.core.rollouts import RolloutCompletion
+from steps.core.rollouts.segments import generate_segments, single_token_id
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +212,10 @@ class RouterRollout:
         self.max_rounds, self.max_information_tokens = max_rounds, max_information_tokens
         self.member_sampling = (member_max_new_tokens, member_temperature)
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self._stop_ids = {self._single_id(t) for t in STOP_TAGS} - {None}
+        self._stop_ids = {single_token_id(self.tokenizer, t) for t in STOP_TAGS} - {None}
         self._text_stop = len(self._stop_ids) < len(STOP_TAGS)
         self.stats = {"calls": 0, "failed_calls": 0, "unknown_member_calls": 0, "invalid_searches": 0,
                       "calls_over_limit": 0}
-
-    def _single_id(self, text: str) -> int | None:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids[0] if len(ids) == 1 and ids[0] != self.tokenizer.unk_token_id else None
 
     # --- prompts --------------------------------------------------------------------------------
     def routing_prompt(self, prompt: P.Prompt) -> P.Prompt:
@@ -268,56 +265,17 @@ class RouterRollout:
                 **{f"calls_{m.name}": 0 for m in self.pool}, **{f"tokens_{m.name}": 0 for m in self.pool}}
 
     def _policy_step(self, rows: list[_Row], sampling: SamplingParams) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        from steps.core.backends import RowSampler
-
-        tok, device, budget = self.tokenizer, self.backend.device, sampling.max_new_tokens
+        tok, budget = self.tokenizer, sampling.max_new_tokens
         limits = [budget - len(r.ids) for r in rows]
-        start = max(len(r.prompt_ids) + len(r.ids) for r in rows)
-        batch = tok.pad({"input_ids": [r.prompt_ids + r.ids for r in rows]}, return_tensors="pt").to(device)
         # Segment 0 draws as the plain back end does (same seed); later ones from their own streams.
         seeds = [derive_seed(sampling.seed, r.prompt.key, r.j) if r.segment == 0
                  else derive_seed(sampling.seed, r.prompt.key, r.j, "router", r.segment) for r in rows]
-        sampler = (RowSampler(seeds, sampling.temperature, sampling.top_p, start, device)
-                   if sampling.temperature > 0 else None)
-        stop_ids, text_stop = self._stop_ids, self._text_stop
-
-        def closes(kept: list[int]) -> bool:
-            if kept and kept[-1] in stop_ids:
-                return True
-            return text_stop and tok.decode(kept[-8:], skip_special_tokens=True).rstrip().endswith(STOP_TAGS)
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **_):
-                n = input_ids.shape[1] - start
-                done = [n >= lim for lim in limits]
-                last = input_ids[:, -1].tolist()
-                for i in range(len(done)):
-                    done[i] = done[i] or last[i] in stop_ids or (
-                        text_stop and tok.decode(input_ids[i, -8:], skip_special_tokens=True).rstrip().endswith(STOP_TAGS))
-                return torch.tensor(done, device=input_ids.device)
-
-        eos_ids = set(self.backend._eos_ids())
-        with torch.inference_mode():
-            out = self.model.generate(**batch, do_sample=False, max_new_tokens=max(1, max(limits)),
-                                      temperature=None, top_p=None, top_k=None,
-                                      logits_processor=[sampler] if sampler else None,
-                                      stopping_criteria=StoppingCriteriaList([Stop()]),
-                                      pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids))
-        gen = out[:, batch["input_ids"].shape[1]:].tolist()
-        for r, ids, limit in zip(rows, gen, limits, strict=True):
+        segments = generate_segments(self.backend, [r.prompt_ids + r.ids for r in rows], seeds, limits,
+                                     sampling.temperature, sampling.top_p, self._stop_ids,
+                                     STOP_TAGS if self._text_stop else ())
+        for r, seg in zip(rows, segments, strict=True):
             r.segment += 1
-            kept, ended, closed = [], False, False
-            for t in ids[:limit]:
-                if t in eos_ids:
-                    ended = True
-                    break
-                kept.append(t)
-                if closes(kept):
-                    closed = True
-                    break
+            kept, ended, closed = seg.ids, seg.ended, seg.closed
             r.ids += kept
             r.mask += [1] * len(kept)
             text = tok.decode(kept, skip_special_tokens=True).rstrip() if closed else ""
