@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -223,3 +224,31 @@ def check_pipeline_outputs(ws: Path) -> None:
     for m in rows:
         assert json.loads((d / f"evaluate/{m}/stats.json").read_text())["prompts_over_budget"] == 0
     assert json.loads((d / "sample/stats.json").read_text())["prompts_over_budget"] == 0
+
+
+def record_loss_gradients(monkeypatch: Any) -> list[dict[str, Any]]:
+    """Instrument TRL's GRPOTrainer for one test: each training step appends {logps, grad, mask,
+    owner}: the per-token log-probabilities, the loss's gradient with respect to them, the
+    completion mask and the rollout's ownership mask (`tool_mask`). A token the policy did not write
+    must get a zero gradient whatever the advantage."""
+    import torch
+    from trl import GRPOTrainer
+
+    seen: list[dict[str, Any]] = []
+    logps_of, loss_of = GRPOTrainer._get_per_token_logps_and_entropies, GRPOTrainer._compute_loss
+
+    def recording_logps(self, *a, **k):
+        out = logps_of(self, *a, **k)
+        if torch.is_grad_enabled():
+            seen.append({"logps": out[0]})
+        return out
+
+    def recording_loss(self, model, inputs):
+        loss = loss_of(self, model, inputs)
+        grad, = torch.autograd.grad(loss, seen[-1]["logps"], retain_graph=True)
+        seen[-1].update(grad=grad, mask=inputs["completion_mask"], owner=inputs["tool_mask"])
+        return loss
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", recording_logps)
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", recording_loss)
+    return seen

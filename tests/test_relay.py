@@ -7,7 +7,7 @@ import pytest
 
 from steps.core.backends import Completion, SamplingParams
 from steps.core.prompts import Prompt
-from tests.helpers import TINY_DENSE, examples, tiny_model
+from tests.helpers import TINY_DENSE, examples, record_loss_gradients, tiny_model
 
 TEACHER_WORD = "question"   # the toy teacher writes only this word
 
@@ -348,31 +348,12 @@ def test_the_policy_loss_has_zero_gradient_on_teacher_tokens(tmp_path, monkeypat
     """One GRPO step through the shared trainer with teacher spans in every rollout: the gradient
     of TRL's loss with respect to each completion token's log-probability is exactly 0 on the
     teacher's tokens and not 0 on the student's."""
-    import torch
     from transformers import AutoTokenizer
-    from trl import GRPOTrainer
 
     from steps.core import rewards, training
     from steps.core.rl import RLConfig, train_rl
 
-    seen = []
-    logps_of = GRPOTrainer._get_per_token_logps_and_entropies
-    loss_of = GRPOTrainer._compute_loss
-
-    def recording_logps(self, *a, **k):
-        out = logps_of(self, *a, **k)
-        if torch.is_grad_enabled():
-            seen.append({"logps": out[0]})
-        return out
-
-    def recording_loss(self, model, inputs):
-        loss = loss_of(self, model, inputs)
-        grad, = torch.autograd.grad(loss, seen[-1]["logps"], retain_graph=True)
-        seen[-1].update(grad=grad, mask=inputs["completion_mask"], owner=inputs["tool_mask"])
-        return loss
-
-    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", recording_logps)
-    monkeypatch.setattr(GRPOTrainer, "_compute_loss", recording_loss)
+    seen = record_loss_gradients(monkeypatch)
     monkeypatch.setitem(rewards.REWARDS, "test_varied", lambda: lambda completions, **_: [float(len(c) % 7)
                                                                                           for c in completions])
     rows = examples(2, 2)

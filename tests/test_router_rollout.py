@@ -10,7 +10,7 @@ from steps.core.backends import Completion, SamplingParams
 from steps.core.prompts import Prompt
 from steps.core.rewards.router import format_violation
 from steps.core.rollouts.router import ROUTER_TAGS, documents_span
-from tests.helpers import TINY_DENSE, examples, tiny_model
+from tests.helpers import TINY_DENSE, examples, record_loss_gradients, tiny_model
 
 POOL = [{"name": "teacher", "price_per_million": 10.0, "descriptor": "strong and dear"},
         {"name": "student_base", "price_per_million": 1.0, "descriptor": "weak and cheap"},
@@ -258,9 +258,7 @@ def test_information_tokens_carry_no_gradient_and_the_cost_reaches_the_rewards(t
     """One GRPO step through the shared trainer, every rollout with an information block: the
     gradient of TRL's loss with respect to each completion token's log-probability is exactly 0
     on the inserted tokens and not 0 on the policy's; the rewards get the rollout's `cost`."""
-    import torch
     from transformers import AutoTokenizer
-    from trl import GRPOTrainer
 
     from steps.core import prompts as P
     from steps.core import rewards, rollouts
@@ -268,20 +266,8 @@ def test_information_tokens_carry_no_gradient_and_the_cost_reaches_the_rewards(t
     from steps.core.rollouts.router import RouterRollout, parse_pool, routing_messages
     from steps.router import add_routing_tokens
 
-    seen, costs = [], []
-    logps_of, loss_of = GRPOTrainer._get_per_token_logps_and_entropies, GRPOTrainer._compute_loss
-
-    def recording_logps(self, *a, **k):
-        out = logps_of(self, *a, **k)
-        if torch.is_grad_enabled():
-            seen.append({"logps": out[0]})
-        return out
-
-    def recording_loss(self, model, inputs):
-        loss = loss_of(self, model, inputs)
-        grad, = torch.autograd.grad(loss, seen[-1]["logps"], retain_graph=True)
-        seen[-1].update(grad=grad, mask=inputs["completion_mask"], owner=inputs["tool_mask"])
-        return loss
+    costs = []
+    seen = record_loss_gradients(monkeypatch)
 
     class ForcedPolicy(RouterRollout):
         """The real rollout (routing, insertion, mask) with the policy's segments forced: a tiny
@@ -305,8 +291,6 @@ def test_information_tokens_carry_no_gradient_and_the_cost_reaches_the_rewards(t
             return [float(i % 3) for i in range(len(completions))]  # varied within each group
         return rec
 
-    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", recording_logps)
-    monkeypatch.setattr(GRPOTrainer, "_compute_loss", recording_loss)
     monkeypatch.setitem(rewards.REWARDS, "test_cost_recorder", make_recorder)
     monkeypatch.setitem(rollouts.PROTOCOLS, "router_forced", lambda backend, **o: ForcedPolicy(backend, **o))
     rows = examples(2, 2)
