@@ -89,12 +89,11 @@ def sample_and_judge(cfg: FusionConfig, examples: list[dict[str, Any]], teacher:
 def main(argv: list[str] | None = None) -> None:
     import shutil
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from steps.core import modeling, tracking
-    from steps.core.io import read_json, write_json, write_jsonl, write_train_log
-    from steps.core.lineage import write_meta
+    from steps.core.io import read_json, write_jsonl
     from steps.core.schemas import EXAMPLES, JUDGED, read_validated
+    from steps.core.training import finish_stage
     from steps.rft import train_sft
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -121,13 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     result = train_sft(train_cfg, rows, base, out, stage_name="fusion")
     result["metrics"].update({"thinking_rows": len(kept_think), "no_think_rows": len(kept_no_think),
                               "no_think_judge": judge_stats})
-    modeling.save_profile(AutoModelForCausalLM.from_pretrained(out / "model"), out / "model")
-    write_meta(out / "model", "fusion", cfg, parent=base, metrics=result["metrics"])
-    write_json(out / "metrics.json", result["metrics"])
-    write_train_log(out / "train_log.csv", result["history"])
-    tracking.log_stage("fusion", cfg, metrics={k: v for k, v in result["metrics"].items()
-                                               if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                       history=result["history"])
+    finish_stage("fusion", cfg, base, out, result)
     shutil.rmtree(out / ".resume", ignore_errors=True)
     print(f"fusion: {len(kept_think)} thinking + {len(kept_no_think)} no-think rows; {result['metrics']['steps']} steps")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from steps.core import training
 from steps.core.config import help_field, load_config
-from steps.core.io import InputError, read_json, write_json, write_train_log
+from steps.core.io import InputError, read_json
 from steps.core.schemas import EXAMPLES, JUDGED, read_validated
 
 
@@ -86,9 +86,6 @@ def train_sft(cfg: RftConfig, rows: list[dict[str, str]], base_model: str, out_d
 
 
 def main(argv: list[str] | None = None) -> None:
-    from steps.core import modeling, tracking
-    from steps.core.lineage import write_meta
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data/ingest/train.jsonl")
@@ -103,15 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
     rows = sft_rows(examples, kept, AutoTokenizer.from_pretrained(base), cfg.chat_template_kwargs)
     out = Path(args.out)
-    result = train_sft(cfg, rows, base, out)
-    from transformers import AutoModelForCausalLM
-    modeling.save_profile(AutoModelForCausalLM.from_pretrained(out / "model"), out / "model")
-    write_meta(out / "model", "rft", cfg, parent=base, metrics=result["metrics"])
-    write_json(out / "metrics.json", result["metrics"])
-    write_train_log(out / "train_log.csv", result["history"])
-    tracking.log_stage("rft", cfg, metrics={k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
-                       history=result["history"])
-    print(f"rft: {result['metrics']}")
+    training.finish_stage("rft", cfg, base, out, train_sft(cfg, rows, base, out))
 
 
 if __name__ == "__main__":

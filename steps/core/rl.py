@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from steps.core import training
+from steps.core.training import finish_stage  # noqa: F401  (every RL stage imports it from here)
 from steps.core.config import help_field
 from steps.core.rewards import check_spec, make_rewards
 
@@ -194,21 +195,3 @@ def prompt_rows(cfg: RLConfig, examples: list[dict[str, Any]], policy: str) -> l
 
     return training.prompt_rows(examples[: cfg.max_prompts], AutoTokenizer.from_pretrained(policy),
                                 cfg.chat_template_kwargs)
-
-
-def finish_stage(stage: str, cfg: RLConfig, policy: str, out: Path, result: dict[str, Any]) -> None:
-    """What every RL stage writes after training: the FLOPs profile and meta.json beside the
-    model, metrics.json, train_log.csv, and the MLflow run."""
-    from transformers import AutoModelForCausalLM
-
-    from steps.core import modeling, tracking
-    from steps.core.io import write_json, write_train_log
-    from steps.core.lineage import write_meta
-
-    modeling.save_profile(AutoModelForCausalLM.from_pretrained(out / "model"), out / "model")
-    write_meta(out / "model", stage, cfg, parent=policy, metrics=result["metrics"])
-    write_json(out / "metrics.json", result["metrics"])
-    write_train_log(out / "train_log.csv", result["history"])
-    tracking.log_stage(stage, cfg, metrics={k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
-                       history=result["history"])
-    print(f"{stage}: {result['metrics']}")

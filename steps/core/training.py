@@ -66,3 +66,22 @@ def generation_mode(model: Any) -> Iterator[Any]:
         for k, v in saved.items():
             setattr(model.config, k, v)
         model.train(was_training)
+
+
+def finish_stage(stage: str, cfg: Any, parent: str, out: Path, result: dict[str, Any]) -> None:
+    """What every training stage writes after training `out/model` from `parent`: the FLOPs
+    profile and meta.json beside the model, metrics.json, train_log.csv, and the MLflow run."""
+    from transformers import AutoModelForCausalLM
+
+    from steps.core import modeling, tracking
+    from steps.core.io import write_json, write_train_log
+    from steps.core.lineage import write_meta
+
+    modeling.save_profile(AutoModelForCausalLM.from_pretrained(out / "model"), out / "model")
+    write_meta(out / "model", stage, cfg, parent=parent, metrics=result["metrics"])
+    write_json(out / "metrics.json", result["metrics"])
+    write_train_log(out / "train_log.csv", result["history"])
+    tracking.log_stage(stage, cfg, history=result["history"],
+                       metrics={k: v for k, v in result["metrics"].items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    print(f"{stage}: {result['metrics']}")
