@@ -135,7 +135,7 @@ class LLMJudge:
     # Options this class does not name go to the OpenAI back end; config checks follow them there.
     forwards_options_to = OpenAIBackend
 
-    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1",
+    def __init__(self, model: str, base_url: str | list[str] = "http://127.0.0.1:8000/v1",
                  api_key_env: str | None = "OPENAI_API_KEY",
                  concurrency: int = 16, votes: int = 1, guided: bool = True, cache_dir: str | None = None,
                  temperature: float = 0.0, max_new_tokens: int = 1024, max_parse_attempts: int = 3,
