@@ -27,7 +27,8 @@ are health-checked at the start of a call and whenever one starts failing; a ser
 (connection refused or reset, timeouts, 5xx) is marked down and its requests in flight move to
 the others without spending their retries; a server that comes back is re-admitted after a
 passing health check; when every server is down, the call waits at most `all_down_timeout_s`
-and then fails naming them (steps.core.server_pool). `stats.servers` says, per server, what it
+and then fails naming them (steps.core.server_pool). `concurrency` bounds the requests in flight
+across all servers together: raise it with their number. `stats.servers` says, per server, what it
 served, how many requests were moved off it and how often it went down; `stats.summary()` is
 what the sample stage writes into its stats.json.
 

@@ -14,7 +14,8 @@ comes first in it so the model states its evidence before it decides. Without `g
 first JSON object in the reply is parsed tolerantly (code fences, prose, a `<think>` block
 around it) and an unparseable reply is asked again with a fresh seed, up to
 `max_parse_attempts`. `votes` > 1 takes a per-criterion majority (a tie counts 0: keeping a
-candidate needs positive evidence). Requests, retries and the cache are the OpenAI back end's.
+candidate needs positive evidence). Requests, retries, the cache and several servers
+(`base_url: [url, url]`, with fail-over) are the OpenAI back end's.
 """
 from __future__ import annotations
 
