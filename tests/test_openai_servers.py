@@ -135,11 +135,27 @@ def test_base_url_list_is_checked_with_the_params_key(tmp_path):
     from steps.core.config import ConfigError, load_config
     from steps.sample import SampleConfig
 
-    for value, message in [("[http://a/v1, 5]", "section 'sample': backend_options.base_url: expected str or list[str]"),
-                           ("{a: 1}", "section 'sample': backend_options.base_url: expected str or list[str]")]:
+    expected = r"section 'sample': backend_options\.base_url: expected str or list\[str\], got "
+    for value in ("[http://a/v1, 5]", "{a: 1}"):
         (tmp_path / "params.yaml").write_text(f"base: {{seed: 0}}\nsample: {{backend: openai, backend_options: "
                                               f"{{base_url: {value}}}}}\n")
-        with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        with pytest.raises(ConfigError, match=expected):
             load_config(SampleConfig, "sample", tmp_path / "params.yaml")
     with pytest.raises(ValueError, match="listed twice"):
         OpenAIBackend(model="m", base_url=["http://a/v1", "http://a/v1/"])
+
+
+def test_the_judge_stage_takes_a_list_of_servers(serve, ecommerce_example):
+    """The LLM judge gets several servers from the back end, through its params (`judge.options`)."""
+    from steps.judge import JudgeConfig
+    from steps.judge import judge as judge_stage
+
+    a, b = serve(latency_s=0.02), serve(latency_s=0.02)
+    responses = [f"the answer is the tolka lamp is {w} . the tolka lamp is made of glass ."
+                 for w in ("green", "glass", "made of glass", "green and made of glass")]
+    cands = [{"id": "e1", "dataset": "ecommerce", "sample_idx": j, "completion": r, "thinking": "", "response": r,
+              "completion_tokens": 5, "finish_reason": "stop", "model": "fake"} for j, r in enumerate(responses)]
+    cfg = JudgeConfig(kind="llm", options={"model": "fake", "base_url": [a.base_url, b.base_url], "concurrency": 2,
+                                           **FAST})
+    judged, kept, _ = judge_stage(cfg, [ecommerce_example], cands)
+    assert len(kept) == len(judged) == 4 and a.posts + b.posts == 4 and a.posts >= 1 and b.posts >= 1
