@@ -4,6 +4,8 @@
   (`judge.kind: llm`, JSON-schema guided verdicts) both use, through the micro DVC pipeline.
 - The in-process `vllm` back end, run by the sample stage under `.venv-vllm/bin/python`
   (`sample.python`), through the same pipeline.
+- Several servers behind one OpenAI back end: this server and a fault-injecting one, which is
+  killed mid-run (steps.core.server_pool); it adds no second vLLM start.
 
 What the server serves, and why: one fixed, untrained tiny model, built with the pipeline's own
 code (steps.core.modeling: a Qwen3 model, its chat template and special tokens) over the
