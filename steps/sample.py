@@ -18,6 +18,9 @@ Each (example, sample index) has its own seed (`derive_seed(seed, id, j)`), and 
 draws it from its own random stream, so a completion does not depend on which other prompts
 shared its batch: sampling 3 examples or 40 gives the 3 the same candidates.
 
+With the OpenAI back end, stats.json also holds its `backend` stats (requests, retries, cache
+hits, and per server what it served, how many requests were moved off it, which went down).
+
 Prompts fit `max_prompt_tokens` (steps.core.prompts: the least relevant documents are
 dropped); stats.json counts the examples that lost documents, and a warning says how many.
 """
@@ -179,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         st = generate(cfg, args.data, args.models, out)
     from steps.core import tracking
     metrics = {f"{ds}_mean_completion_tokens": v["mean_completion_tokens"] for ds, v in st.items()
-               if isinstance(v, dict)}
+               if isinstance(v, dict) and "mean_completion_tokens" in v}
+    if "backend" in st:  # the OpenAI back end's servers: fail-over at a glance
+        metrics["backend_requests_moved"] = st["backend"]["requests_moved"]
+        metrics["backend_servers_went_down"] = len(st["backend"]["servers_went_down"])
     # Never raises for a tracking outage (it is kept for `python -m steps.core.tracking replay`).
     tracking.log_stage("sample", cfg, metrics={**metrics, "prompts_over_budget": st["prompts_over_budget"]})
     # Only now, with the outputs written and the stage logged, is the resumable work redundant.
@@ -191,10 +197,15 @@ def generate(cfg: SampleConfig, data: str, models: str, out: Path) -> dict[str, 
     examples = read_validated(data, EXAMPLES)
     model = cfg.model or read_json(models)["teacher"]
     work = out / ".resume" / resume_key(cfg, model, data)
-    rows, over_budget = sample(cfg, examples, model, work)
+    backend = make_backend(cfg.backend, model=model, **cfg.backend_options)
+    rows, over_budget = sample(cfg, examples, model, work, backend)
     validate(rows, CANDIDATES, out / "candidates.jsonl")
     write_jsonl(out / "candidates.jsonl", rows)
     st = stats(rows, over_budget)
+    if hasattr(getattr(backend, "stats", None), "summary"):
+        # This run's requests (a resumed run counts only its own): per server what it served,
+        # what was moved off it, which went down.
+        st["backend"] = backend.stats.summary()
     write_json(out / "stats.json", st)
     # The shards stay until main() has logged the stage (they go only once it all succeeded).
     print(f"sample: {len(rows)} candidates -> {out / 'candidates.jsonl'}")

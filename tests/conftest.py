@@ -65,6 +65,22 @@ def serve():
         s.stop()
 
 
+@pytest.fixture
+def serve_process():
+    """Start the scripted server in processes of their own, which a test can SIGKILL mid-run
+    (tests/openai_fake_server.py: FakeServerProcess); all killed at teardown."""
+    from tests.openai_fake_server import FakeServerProcess
+    procs: list[FakeServerProcess] = []
+
+    def start(**kw) -> FakeServerProcess:
+        procs.append(FakeServerProcess(**kw))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        p.kill()
+
+
 @pytest.fixture(scope="session")
 def engine():
     """A Docker client; infra/ensure_docker.sh installs and starts the engine where it can (root)."""

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +147,19 @@ def clone_and_pull(ws: Path, dest: Path, env: dict[str, str]) -> tuple[dict, dic
     before = dvc_outputs(dest)
     run(dest, env, "dvc", "pull", "--allow-missing")
     return before, dvc_outputs(dest)
+
+
+def when(pred, then, timeout_s: float = 60.0) -> threading.Thread:
+    """Run `then()` in a thread as soon as `pred()` holds (polled every 5 ms), or after `timeout_s`
+    (a test that needed the event then fails on what it finds, rather than hanging)."""
+    def watch() -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and not pred():
+            time.sleep(0.005)
+        then()
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 def free_port() -> int:

@@ -22,16 +22,23 @@ Replies are a deterministic function of the request: a generation is
 messages hold the LLM judge's "## Response to judge" section gets a JSON verdict from
 `judge_rule` (or from `judge_fn`, a hook for scripted judge replies).
 
-Run alone: `python -m tests.openai_fake_server --latency-s 0.2` prints the port, then serves.
+Run alone: `python -m tests.openai_fake_server --latency-s 0.2 --fault 3:500` prints the port,
+then serves. `FakeServerProcess` runs it so, in a process of its own, for tests that kill a
+server as a crash would (SIGKILL: its connections reset, new ones refused), which a server in the
+test's own process cannot do: its keep-alive handler threads would go on serving.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from collections import Counter
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -272,15 +279,53 @@ def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class FakeServerProcess:
+    """The fake server in a process of its own (module docstring), started on `port` (0: a free
+    one); `kill()` is SIGKILL. Faults are scripted by arrival number, as in the class above."""
+
+    def __init__(self, port: int = 0, latency_s: float = 0.0, model: str = "fake",
+                 faults: Mapping[int, str] | None = None):
+        root = Path(__file__).resolve().parents[1]
+        cmd = [sys.executable, "-m", "tests.openai_fake_server", "--port", str(port), "--latency-s", str(latency_s),
+               "--model", model, *(a for n, kind in (faults or {}).items() for a in ("--fault", f"{n}:{kind}"))]
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line.strip().isdigit():
+            self.proc.kill()
+            raise RuntimeError(f"the fake server did not start ({cmd}): {line!r}")
+        self.port = int(line)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> FakeServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="serve the fake OpenAI API until interrupted")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--latency-s", type=float, default=0.0)
     ap.add_argument("--model", default="fake")
     ap.add_argument("--reasoning-field", action="store_true")
+    ap.add_argument("--fault", action="append", default=[], metavar="N:KIND",
+                    help=f"POST number N (0-based) gets fault KIND, one of {FAULT_KINDS}; repeatable")
     args = ap.parse_args()
+    faults = {int(n): kind for n, kind in (f.split(":", 1) for f in args.fault)}
     server = FakeOpenAIServer(model=args.model, latency_s=args.latency_s, reasoning_field=args.reasoning_field,
-                              port=args.port)
+                              port=args.port, faults=faults)
     print(server.port, flush=True)
     try:
         server._httpd.serve_forever(poll_interval=0.05)

@@ -4,6 +4,8 @@
   (`judge.kind: llm`, JSON-schema guided verdicts) both use, through the micro DVC pipeline.
 - The in-process `vllm` back end, run by the sample stage under `.venv-vllm/bin/python`
   (`sample.python`), through the same pipeline.
+- Several servers behind one OpenAI back end: this server and a fault-injecting one, which is
+  killed mid-run (steps.core.server_pool); it adds no second vLLM start.
 
 What the server serves, and why: one fixed, untrained tiny model, built with the pipeline's own
 code (steps.core.modeling: a Qwen3 model, its chat template and special tokens) over the
@@ -35,7 +37,7 @@ import yaml
 from flows.serve import stop_group
 from steps.core.io import read_jsonl
 from tests.helpers import (ROOT, byte_level_tokenizer, check_pipeline_outputs, dvc, examples, free_port,
-                           pipeline_workspace)
+                           pipeline_workspace, when)
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 SERVED = "tiny-served"
@@ -123,6 +125,34 @@ def test_server_samples_reproducibly_and_judges_in_valid_json(server):
     assert judge.backend.stats.http_requests == len(rows)
     assert all(v.correct in (0, 1) and v.helpful in (0, 1) and len(v.rationale) <= RATIONALE_MAX_CHARS
                for v in verdicts)
+
+
+def test_sampling_over_vllm_and_a_fault_injecting_server_killed_mid_run(server, serve_process, tmp_path):
+    """Scale-out: the sample stage's core over this module's vLLM server and a fault-injecting
+    one (a 500, a dropped connection, then SIGKILL with requests in flight). Every candidate is
+    written once; vLLM serves everything the killed server did not; the stats say what moved."""
+    from steps.core.backend_openai import OpenAIBackend
+    from steps.core.schemas import CANDIDATES, validate
+    from steps.sample import SampleConfig, sample
+
+    fake = serve_process(latency_s=0.2, model=SERVED, faults={0: "500", 1: "drop"})
+    rows = examples(6, 6)
+    cfg = SampleConfig(backend="openai", k=4, shard_size=12, max_new_tokens=16, seed=3)
+    backend = OpenAIBackend(model=SERVED, base_url=[server.url, fake.base_url], concurrency=4, progress=False,
+                            backoff_initial_s=0.05, backoff_max_s=0.5)
+    killer = when(lambda: backend.stats.servers[fake.base_url].served >= 1, fake.kill)
+    t0 = time.perf_counter()
+    out, _ = sample(cfg, rows, SERVED, tmp_path / "work", backend)
+    print(f"\n48 requests over vLLM + a fault-injecting server killed mid-run: {time.perf_counter() - t0:.1f} s; "
+          f"{backend.stats.summary()}")
+    killer.join()
+    validate(out, CANDIDATES, "candidates")
+    keys = [(r["id"], r["sample_idx"]) for r in out]
+    assert len(keys) == len(set(keys)) == 48 and set(keys) == {(e["id"], j) for e in rows for j in range(4)}
+    vllm, dead = backend.stats.servers[server.url], backend.stats.servers[fake.base_url]
+    assert dead.went_down == 1 and not dead.up and dead.moved_off >= 1 and vllm.went_down == 0
+    assert dead.served >= 1 and vllm.served == 48 - dead.served
+    assert backend.stats.by_error.get("http 500") == 1 and backend.stats.by_error.get("connection", 0) >= 1
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,17 @@ Token counts are the server's (`usage`); a reply without them is counted here, w
 `tokenizer` when one is configured (whitespace-separated words otherwise), marked
 `tokens_estimated`, and a warning says how many replies were counted so.
 
+Several servers of the same model: `base_url` takes a list (`base_url: [http://gpu-0:8000/v1,
+http://gpu-1:8000/v1]`). Requests go to the live server with the fewest outstanding; servers
+are health-checked at the start of a call and whenever one starts failing; a server that fails
+(connection refused or reset, timeouts, 5xx) is marked down and its requests in flight move to
+the others without spending their retries; a server that comes back is re-admitted after a
+passing health check; when every server is down, the call waits at most `all_down_timeout_s`
+and then fails naming them (steps.core.server_pool). `concurrency` bounds the requests in flight
+across all servers together: raise it with their number. `stats.servers` says, per server, what it
+served, how many requests were moved off it and how often it went down; `stats.summary()` is
+what the sample stage writes into its stats.json.
+
 `complete(requests)` is the general entry point (raw replies, caching, retries); the LLM judge
 uses it with its own request bodies, so caching and retries exist once.
 """
@@ -45,6 +56,7 @@ from steps.core import secrets
 from steps.core.backends import Completion, SamplingParams, derive_seed
 from steps.core.io import write_json
 from steps.core.prompts import THINK_OPEN, Prompt, join_completion
+from steps.core.server_pool import AllServersDown, Moved, ServerPool, ServerStats, describe
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +188,16 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+def _base_urls(base_url: str | Sequence[str]) -> tuple[str, ...]:
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    if not urls or not all(isinstance(u, str) and u.strip() for u in urls):
+        raise ValueError(f"base_url: expected a URL or a non-empty list of URLs, got {base_url!r}")
+    out = tuple(u.strip().rstrip("/") for u in urls)
+    if len(set(out)) < len(out):
+        raise ValueError(f"base_url: a server is listed twice: {list(out)}")
+    return out
+
+
 def _words(text: str) -> int:
     return len(text.split())
 
@@ -228,18 +250,36 @@ class Stats:
     cache_hits: int = 0
     tokens_estimated: int = 0  # replies without `usage`, counted here
     by_error: dict[str, int] = field(default_factory=dict)
+    servers: dict[str, ServerStats] = field(default_factory=dict)  # per base URL (steps.core.server_pool)
+
+    @property
+    def requests_moved(self) -> int:
+        """Requests taken off a server that went down and sent to another."""
+        return sum(s.moved_off for s in self.servers.values())
+
+    @property
+    def servers_went_down(self) -> list[str]:
+        return [url for url, s in self.servers.items() if s.went_down]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready, for a stage's stats.json."""
+        return {"http_requests": self.http_requests, "retries": self.retries, "cache_hits": self.cache_hits,
+                "tokens_estimated": self.tokens_estimated, "by_error": dict(self.by_error),
+                "requests_moved": self.requests_moved, "servers_went_down": self.servers_went_down,
+                "servers": {url: asdict(s) for url, s in self.servers.items()}}
 
 
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1",
+    def __init__(self, model: str, base_url: str | list[str] = "http://127.0.0.1:8000/v1",
                  api_key_env: str | None = "OPENAI_API_KEY", concurrency: int = 32,
                  request_timeout_s: float = 600.0, max_retries: int = 8,
                  requests_per_second: float | None = None, cache_dir: str | None = None, use_chat: bool = True,
                  chat_template_kwargs: dict[str, Any] | None = None, extra_body: dict[str, Any] | None = None,
                  tokenizer: str | None = None, max_tokens_field: str = "max_tokens",
-                 backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0, progress: bool = True):
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0, progress: bool = True,
+                 health_timeout_s: float = 10.0, all_down_timeout_s: float = 120.0):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if request_timeout_s <= 0:
@@ -248,7 +288,12 @@ class OpenAIBackend:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if requests_per_second is not None and requests_per_second <= 0:
             raise ValueError(f"requests_per_second must be > 0 or null, got {requests_per_second}")
-        self.model, self.base_url = model, base_url.rstrip("/")
+        if health_timeout_s <= 0 or all_down_timeout_s <= 0:
+            raise ValueError(f"health_timeout_s and all_down_timeout_s must be > 0, got {health_timeout_s}, "
+                             f"{all_down_timeout_s}")
+        self.model = model
+        self.base_urls = _base_urls(base_url)
+        self.base_url = ", ".join(self.base_urls)  # for messages
         # The key lives only in the environment; params name the variable (steps.core.secrets).
         self.api_key = secrets.from_env(api_key_env, "api_key_env") or "EMPTY"
         self.concurrency, self.request_timeout_s, self.max_retries = concurrency, request_timeout_s, max_retries
@@ -261,6 +306,12 @@ class OpenAIBackend:
                                                 jitter=backoff_initial_s)
         self.cache = ResponseCache(cache_dir) if cache_dir else None
         self.stats = Stats()
+        # A server that answers its health check yet fails as many requests in a row as one
+        # request may retry is no better than a dead one, while another is up.
+        self.pool = ServerPool(self.base_urls, self.stats.servers, {"Authorization": f"Bearer {self.api_key}"},
+                               health_timeout_s=health_timeout_s, all_down_timeout_s=all_down_timeout_s,
+                               failures_to_down=max_retries + 1, backoff=self._backoff,
+                               backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s)
         # None: the sample stage sends chat messages and the server applies its chat template.
         # A local tokenizer directory lets it render text instead, which use_chat=False needs.
         self.tokenizer: Any = None
@@ -355,6 +406,7 @@ class OpenAIBackend:
                 groups.setdefault(key, []).append(i)
         if groups:
             retries_before, estimated_before = self.stats.retries, self.stats.tokens_estimated
+            moved_before = {u: (s.served, s.moved_off) for u, s in self.stats.servers.items()}
             try:
                 run_sync(self._fetch_all(requests, groups, replies, on_done))
             finally:
@@ -368,6 +420,9 @@ class OpenAIBackend:
             if self.stats.retries > retries_before:  # one summary line, not one per hiccup
                 log.warning("%s: %d retries so far (by error: %s)", self.base_url, self.stats.retries,
                             self.stats.by_error)
+            if any(s.moved_off > moved_before.get(u, (0, 0))[1] for u, s in self.stats.servers.items()):
+                log.warning("requests moved between servers in this call: %s", describe(self.stats.servers,
+                                                                                      moved_before))
         return replies  # type: ignore[return-value]
 
     async def _fetch_all(self, requests: Sequence[Request], groups: dict[str, list[int]],
@@ -385,7 +440,7 @@ class OpenAIBackend:
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s, connect=min(30.0, self.request_timeout_s))
         connector = aiohttp.TCPConnector(limit=self.concurrency)
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.api_key}"}, connector=connector,
-                                         timeout=timeout, trust_env=True) as client:
+                                         timeout=timeout, trust_env=True) as client, self.pool.running():
             work = iter(groups.items())
 
             async def worker() -> None:
@@ -416,23 +471,39 @@ class OpenAIBackend:
                 bar.close()
 
     async def _fetch(self, client: aiohttp.ClientSession, limiter: _RateLimiter | None, request: Request) -> Reply:
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.max_retries + 1), wait=self._wait,
-                                 retry=retry_if_exception_type(RetryableError), before_sleep=self._note_retry,
-                                 reraise=True)
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if limiter:
-                        await limiter.acquire()
-                    return await self._post(client, request)
-        except RetryableError as e:
-            raise BackendError(f"{self.base_url}/{request.endpoint}: gave up after {self.max_retries + 1} "
-                               f"attempts; last error: {e}") from e
-        raise AssertionError("unreachable: tenacity either returns or raises")
+        # A move (the server went down under the request) starts the retries afresh on the
+        # others; the cap only guarantees an end when servers keep coming back and failing.
+        max_moves = 3 * len(self.base_urls) * (self.max_retries + 1)
+        for _ in range(max_moves + 1):
+            retrying = AsyncRetrying(stop=stop_after_attempt(self.max_retries + 1), wait=self._wait,
+                                     retry=retry_if_exception_type(RetryableError), before_sleep=self._note_retry,
+                                     reraise=True)
+            url = self.base_urls[0]
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        if limiter:
+                            await limiter.acquire()
+                        server = await self.pool.acquire()
+                        url = server.url
+                        try:
+                            return await self.pool.send(server, self._post(client, url, request))
+                        except RetryableError as e:
+                            await self.pool.failed(server, e.kind, str(e))  # Moved when the server is down
+                            raise
+            except Moved:
+                continue
+            except AllServersDown as e:
+                raise BackendError(f"{request.endpoint}: {e}") from None
+            except RetryableError as e:
+                raise BackendError(f"{url}/{request.endpoint}: gave up after {self.max_retries + 1} "
+                                   f"attempts; last error: {e}") from e
+        raise BackendError(f"{request.endpoint}: moved {max_moves} times between servers that keep going down "
+                           f"and coming back: {describe(self.stats.servers)}")
 
-    async def _post(self, client: aiohttp.ClientSession, request: Request) -> Reply:
+    async def _post(self, client: aiohttp.ClientSession, base_url: str, request: Request) -> Reply:
         self.stats.http_requests += 1
-        url = f"{self.base_url}/{request.endpoint}"
+        url = f"{base_url}/{request.endpoint}"
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(self.request_timeout_s):  # bounds a slow trickle too

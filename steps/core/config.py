@@ -116,7 +116,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
             return _coerce(value, non_none[0], where)
-        return value
+        for alternative in non_none:  # the first that fits (e.g. `base_url: str | list[str]`)
+            try:
+                return _coerce(value, alternative, where)
+            except ConfigError:
+                continue
+        names = " or ".join(getattr(a, "__name__", None) if typing.get_origin(a) is None else str(a) for a in non_none)
+        raise ConfigError(f"{where}: expected {names}, got {type(value).__name__} {value!r}"[:300])
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
@@ -132,6 +138,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}"[:300])
     if (origin is list or annotation is list) and not isinstance(value, list):
         raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}"[:300])
+    if origin is list and args:
+        for i, v in enumerate(value):
+            _coerce(v, args[0], f"{where}[{i}]")
     return value
 
 

@@ -14,7 +14,8 @@ comes first in it so the model states its evidence before it decides. Without `g
 first JSON object in the reply is parsed tolerantly (code fences, prose, a `<think>` block
 around it) and an unparseable reply is asked again with a fresh seed, up to
 `max_parse_attempts`. `votes` > 1 takes a per-criterion majority (a tie counts 0: keeping a
-candidate needs positive evidence). Requests, retries and the cache are the OpenAI back end's.
+candidate needs positive evidence). Requests, retries, the cache and several servers
+(`base_url: [url, url]`, with fail-over) are the OpenAI back end's.
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ class LLMJudge:
     # Options this class does not name go to the OpenAI back end; config checks follow them there.
     forwards_options_to = OpenAIBackend
 
-    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1",
+    def __init__(self, model: str, base_url: str | list[str] = "http://127.0.0.1:8000/v1",
                  api_key_env: str | None = "OPENAI_API_KEY",
                  concurrency: int = 16, votes: int = 1, guided: bool = True, cache_dir: str | None = None,
                  temperature: float = 0.0, max_new_tokens: int = 1024, max_parse_attempts: int = 3,
