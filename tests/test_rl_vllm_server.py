@@ -119,3 +119,15 @@ def test_the_server_back_end_decodes_through_trls_client():
     assert stop.text == "answer 1-0" and stop.mask == (1,) * len(stop.token_ids)
     assert cut.finish_reason == "length" and len(cut.token_ids) == 6
     assert stop.prompt_tokens == len(tok("question two", add_special_tokens=False)["input_ids"])
+
+
+def test_the_gpu_preset_is_a_valid_grpo_section():
+    import yaml
+
+    from steps.core.config import load_params
+    from tests.helpers import overlay
+
+    preset = yaml.safe_load(open("infra/presets/grpo-vllm-server.yaml"))
+    cfg = load_config(GrpoConfig, "grpo", "params.yaml", params=overlay(load_params("params.yaml"), preset))
+    assert vllm_grpo_args(cfg, cuda=True, section="grpo")["vllm_server_port"] == 8000
+    assert cfg.protocol == "plain" and cfg.vllm_server.timeout_s == 600
