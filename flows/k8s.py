@@ -65,8 +65,9 @@ FAMILY_RESOURCES = {
     # One 8-GPU node: ZeRO-3 / FSDP over 8 GPUs holds a 30B-A3B student (bench/capacity.py).
     "train": FamilyResources(cpu_request="64", memory_request="900Gi", memory_limit="1600Gi", gpus=8,
                              node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, shm_size="64Gi"),
-    # The student in bf16 (61 GB of weights) with KV-cache room: tensor parallel over 2 GPUs.
-    "vllm": FamilyResources(cpu_request="16", memory_request="128Gi", memory_limit="256Gi", gpus=2,
+    # The student in bf16 (61 GB of weights) and the KV cache of a GRPO batch (512 sequences of
+    # 3.5k tokens, 176 GB): tensor parallel over 4 GPUs (bench/capacity.py).
+    "vllm": FamilyResources(cpu_request="16", memory_request="128Gi", memory_limit="256Gi", gpus=4,
                             shm_size="16Gi"),
 }
 

@@ -179,7 +179,7 @@ def test_kubernetes_target_creates_the_family_pools_and_the_deployment(prefect_s
     train, vllm = (pools[f]["base_job_template"] for f in ("train", "vllm"))
     assert train["variables"]["properties"]["gpu_count"]["default"] == 8
     assert train["variables"]["properties"]["node_selector"]["default"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    assert vllm["variables"]["properties"]["gpu_count"]["default"] == 2
+    assert vllm["variables"]["properties"]["gpu_count"]["default"] == 4
     assert "gpu_count" not in pools["light"]["base_job_template"]["variables"]["properties"]
 
     # Deploying again updates the pools' templates from the code (here: a new image tag).
