@@ -20,7 +20,7 @@ Targets:
   kubernetes  three `kubernetes` work pools, one per stage family (flows/k8s.py: light, train
               with a GPU request and node selector, vllm with a GPU request), each with its
               base job template and its family's image (--image-tag); the flow runs in the
-              light pool (worker: infra/k8s/prefect-worker.yaml, `prefect-kubernetes`) with
+              light pool (worker: infra/k8s/prefect.yaml, `prefect-kubernetes`) with
               `runner: {kind: kubernetes}`, so each stale stage runs as a Job from its
               family's pool. The workspace volume, the endpoints ConfigMap and the S3 Secret
               are the cluster's (infra/k8s/); the deployment holds no secret.
@@ -81,7 +81,8 @@ def pinned_env(environ: dict[str, str]) -> dict[str, str]:
 
 
 def spec_for(target: str, environ: dict[str, str] | None = None, image: str | None = None,
-             workspace: str | None = None, image_tag: str | None = None, **overrides: Any) -> DeploySpec:
+             workspace: str | None = None, image_tag: str | None = None, image_repo: str | None = None,
+             **overrides: Any) -> DeploySpec:
     """The deployment for `target` (local | production | kubernetes); non-None overrides replace
     spec fields (kubernetes: --work-pool is the prefix of the three family pools)."""
     environ = dict(os.environ if environ is None else environ)
@@ -100,7 +101,8 @@ def spec_for(target: str, environ: dict[str, str] | None = None, image: str | No
         from flows.k8s import FAMILIES, base_job_template, pool_name
 
         tag = image_tag or environ.get("LIVETHINKING_IMAGE_TAG", "latest")
-        images = {f: f"livethinking/{f}:{tag}" for f in FAMILIES}
+        repo = image_repo or environ.get("LIVETHINKING_IMAGE_REPO", "livethinking")  # e.g. registry.example/lt
+        images = {f: f"{repo}/{f}:{tag}" for f in FAMILIES}
         images["light"] = image or images["light"]
         prefix = overrides.get("work_pool") or "livethinking-k8s"
         pools = {pool_name(f, prefix): base_job_template(f, images[f]) for f in FAMILIES}
@@ -165,10 +167,10 @@ def deploy(spec: DeploySpec) -> str:
     if spec.pool_type == "process":
         # The worker runs the flow where the source is (a pull step sets the working directory).
         return str(flow.from_source(source=spec.source, entrypoint=spec.entrypoint).deploy(**common))
-    # Docker and Kubernetes: no pull step; the entrypoint (relative to the source folder, hence the chdir) is
-    # resolved in the container's working directory, /app, where the checkout is mounted. The
-    # image is built from containers/ and present on the worker host or in the cluster's
-    # registry: nothing to build or push.
+    # Docker and Kubernetes: no pull step; the entrypoint (relative to the source folder, hence
+    # the chdir) is resolved in the container's working directory, /app, where the checkout is
+    # mounted. The image is built from containers/ and present on the worker host or in the
+    # cluster's registry: nothing to build or push.
     with _cwd(spec.source):
         target = load_flow_from_entrypoint(spec.entrypoint)
         return str(target.deploy(image=spec.image, build=False, push=False, **common))
@@ -196,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image", help="production: the image the flow runs in")
     ap.add_argument("--workspace", help="production: host path of the checkout mounted at /app")
     ap.add_argument("--image-tag", dest="image_tag", help="kubernetes: tag of livethinking/{light,train,vllm}")
+    ap.add_argument("--image-repo", dest="image_repo", help="kubernetes: the images' registry path (default livethinking)")
     ap.add_argument("--param", action="append", type=_param, default=[], help="flow parameter key=value (repeatable)")
     ap.add_argument("--paused", action="store_true", help="create the schedule paused")
     args = ap.parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("name", "cron", "timezone", "work_pool", "source", "entrypoint",
-                                              "image", "workspace", "image_tag")}
+                                              "image", "workspace", "image_tag", "image_repo")}
     if args.paused:
         overrides["paused"] = True
     spec = spec_for(args.target, **overrides)

@@ -79,7 +79,8 @@ def prefect_server(tmp_path_factory):
            "PYTHONPATH": str(ROOT)}
     server = _start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, tmp / "server.log")
     try:
-        deadline = time.monotonic() + 90
+        # 180 s: on 2 shared cores under a training job the server's start has taken over 90 s.
+        deadline = time.monotonic() + 180
         while True:
             try:
                 if httpx.get(f"{env['PREFECT_API_URL']}/health", timeout=2).status_code == 200:
@@ -158,6 +159,7 @@ def test_kubernetes_target_creates_the_family_pools_and_the_deployment(prefect_s
     import httpx
     import kubernetes_validate
     from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.utilities.asyncutils import run_coro_as_sync
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
@@ -189,16 +191,9 @@ def test_kubernetes_target_creates_the_family_pools_and_the_deployment(prefect_s
 
     # The flow pod, as the worker renders it for a run of this deployment (job variables over the pool's).
     light = httpx.get(f"{api}/work_pools/test-k8s-light").json()["base_job_template"]
-    old = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = api
-    try:
+    with temporary_settings(updates={PREFECT_API_URL: api}):  # the server, not an ephemeral one
         cfg = run_coro_as_sync(KubernetesWorkerJobConfiguration.from_template_and_values(light, dep["job_variables"]))
         cfg.prepare_for_flow_run(FlowRun(flow_id=dep["flow_id"], name="nightly-1", deployment_id=dep["id"]))
-    finally:
-        if old is None:
-            os.environ.pop("PREFECT_API_URL")
-        else:
-            os.environ["PREFECT_API_URL"] = old
     job = cfg.job_manifest
     kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
     box = job["spec"]["template"]["spec"]["containers"][0]
