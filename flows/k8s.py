@@ -44,6 +44,7 @@ WORKSPACE_CLAIM = "livethinking-workspace"
 ENDPOINTS_CONFIGMAP = "livethinking-endpoints"
 S3_SECRET = "livethinking-s3"
 GPU_RESOURCE = "nvidia.com/gpu"
+WORKER_ONLY_POD_FIELDS = ("completions", "parallelism")
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,12 @@ def base_job_template(family: str, image: str, namespace: str = NAMESPACE) -> di
         "volumeMounts": [{"name": "workspace", "mountPath": MOUNT_POINT}, {"name": "dshm", "mountPath": "/dev/shm"}],
     }
     pod: dict[str, Any] = {
+        # prefect-kubernetes' worker refuses a flow-pod template without these two, here in the
+        # pod spec (where its own default template has them), though they are Job fields: the API
+        # server drops unknown fields with a warning (fieldValidation defaults to Warn). Stage
+        # Jobs, which the runner starts, go without them (WORKER_ONLY_POD_FIELDS).
+        "completions": 1,
+        "parallelism": 1,
         "restartPolicy": "Never",
         "serviceAccountName": "{{ service_account_name }}",
         # Workspace files written by a stage belong to the image user's group, so every family can read them.
@@ -201,8 +208,11 @@ def stage_job(stage: str, template: dict[str, Any], cfg: K8sRunnerConfig, enviro
     family = family_of(stage)
     values = {**cfg.job_variables.get(family, {}), "env": job_env(environ), "name": job_name(stage)}
     manifest = render_job(template, values)
+    pod = manifest["spec"]["template"]["spec"]
+    for key in WORKER_ONLY_POD_FIELDS:
+        pod.pop(key, None)
     # The stage's own dvc.yaml command as a list: no word splitting of its arguments.
-    manifest["spec"]["template"]["spec"]["containers"][0]["args"] = stage_command(stage, Path(workspace) / cfg.dvc_yaml)
+    pod["containers"][0]["args"] = stage_command(stage, Path(workspace) / cfg.dvc_yaml)
     meta = manifest["metadata"]
     meta["name"] = values["name"]  # KubernetesJobRun follows the job by name
     meta.pop("generateName", None)

@@ -163,6 +163,8 @@ def test_kubernetes_target_creates_the_family_pools_and_the_deployment(prefect_s
     from prefect.utilities.asyncutils import run_coro_as_sync
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
+    from flows.k8s import WORKER_ONLY_POD_FIELDS
+
     env, _ = prefect_server
     api = env["PREFECT_API_URL"]
     out = _deploy(env, "--target", "kubernetes", "--image-tag", "1.0", "--work-pool", "test-k8s", "--paused")
@@ -195,6 +197,8 @@ def test_kubernetes_target_creates_the_family_pools_and_the_deployment(prefect_s
         cfg = run_coro_as_sync(KubernetesWorkerJobConfiguration.from_template_and_values(light, dep["job_variables"]))
         cfg.prepare_for_flow_run(FlowRun(flow_id=dep["flow_id"], name="nightly-1", deployment_id=dep["id"]))
     job = cfg.job_manifest
+    # The two fields the worker insists on in the pod spec (tests/test_k8s.py says why), then strict.
+    assert [job["spec"]["template"]["spec"].pop(k) for k in WORKER_ONLY_POD_FIELDS] == [1, 1]
     kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
     box = job["spec"]["template"]["spec"]["containers"][0]
     assert box["image"] == "livethinking/light:1.0"

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from flows.docker_runner import FAMILIES
-from flows.k8s import (FAMILY_RESOURCES, GPU_RESOURCE, K8sRunnerConfig, base_job_template, job_env, render_job,
-                       stage_job)
+from flows.k8s import (FAMILY_RESOURCES, GPU_RESOURCE, WORKER_ONLY_POD_FIELDS, K8sRunnerConfig, base_job_template,
+                       job_env, render_job, stage_job)
 from steps.core.secrets import find_secrets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,10 +96,27 @@ def test_family_jobs_validate(family):
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     if family == "light":
         assert "nodeSelector" not in pod and "tolerations" not in pod
-    # A deployment or the runner's job_variables change a family's size within the schema.
+    # Pool variables (runner.job_variables in params, a deployment's) change a family's size, within the schema.
     sized = render_job(template, {"gpu_count": 4, "cpu_request": "8"} if gpus else {"cpu_request": "8"})
+    for key in WORKER_ONLY_POD_FIELDS:
+        sized["spec"]["template"]["spec"].pop(key)
     _validate(sized)
-    assert sized["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "8"
+    res = sized["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"]["cpu"] == "8" and res["limits"].get(GPU_RESOURCE) == (4 if gpus else None)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_flow_pod_jobs_validate_but_for_the_workers_two_fields(family):
+    """The flow pod's Job as the pool gives it. prefect-kubernetes' worker requires `completions`
+    and `parallelism` inside the pod spec (it refuses a template without them); they are not pod
+    fields, which the strict schema says, and the API server drops them with a warning."""
+    job = render_job(base_job_template(family, f"livethinking/{family}:1.0"), {"command": "prefect flow-run execute"})
+    with pytest.raises(kubernetes_validate.ValidationError, match="completions|parallelism"):
+        kubernetes_validate.validate(job, VERSIONS[1], strict=True)
+    pod = job["spec"]["template"]["spec"]
+    assert {k: pod.pop(k) for k in WORKER_ONLY_POD_FIELDS} == {"completions": 1, "parallelism": 1}
+    _validate(job)
+    assert pod["containers"][0]["args"] == ["prefect", "flow-run", "execute"]
 
 
 def test_job_env_drops_secrets():
