@@ -19,7 +19,7 @@ VLLM_TP="${VLLM_TP:-1}"
 POLICY="${POLICY:-data/rft/model}"
 
 # The stage's own config, read as the stage reads it: a wrong key fails here, by name.
-read -r HOST PORT < <("$PYTHON" - <<'PY'
+cfg=$("$PYTHON" - <<'PY'
 from steps.core.config import load_config
 from steps.grpo import GrpoConfig
 s = load_config(GrpoConfig, "grpo").vllm_server
@@ -29,6 +29,7 @@ if s.mode != "server" or s.base_url:
 print(s.host, s.port)
 PY
 )
+read -r HOST PORT <<< "$cfg"
 log=.cache/trl-vllm-serve.log
 mkdir -p .cache
 CUDA_VISIBLE_DEVICES="$VLLM_GPUS" "$(dirname "$TRL_VLLM_PYTHON")/trl" vllm-serve --model "$POLICY" \
