@@ -17,10 +17,18 @@ Targets:
               at the same URLs as on the host. Secrets (AWS keys) are not stored in the
               deployment: give them to the worker host's Docker daemon environment or a
               Prefect Secret block.
+  kubernetes  three `kubernetes` work pools, one per stage family (flows/k8s.py: light, train
+              with a GPU request and node selector, vllm with a GPU request), each with its
+              base job template and its family's image (--image-tag); the flow runs in the
+              light pool (worker: infra/k8s/prefect.yaml, `prefect-kubernetes`) with
+              `runner: {kind: kubernetes}`, so each stale stage runs as a Job from its
+              family's pool. The workspace volume, the endpoints ConfigMap and the S3 Secret
+              are the cluster's (infra/k8s/); the deployment holds no secret.
 
     python -m flows.deploy --target local                      # nightly at 02:00 UTC
     python -m flows.deploy --target production --image livethinking/light:1.0 --workspace /srv/lt
     python -m flows.deploy --target local --cron "*/30 * * * *" --param force=true
+    python -m flows.deploy --target kubernetes --image-tag 1.0     # livethinking/{light,train,vllm}:1.0
 """
 from __future__ import annotations
 
@@ -52,14 +60,16 @@ class DeploySpec:
     pool_type: str = "process"
     image: str | None = None
     job_variables: dict = field(default_factory=dict)
+    # Further pools to create or update first, name -> base job template (the stage families').
+    pool_templates: dict = field(default_factory=dict)
     tags: tuple[str, ...] = ("livethinking", "nightly")
     paused: bool = False
 
     def __post_init__(self) -> None:
-        if self.pool_type not in ("process", "docker"):
-            raise ValueError(f"pool_type {self.pool_type!r}: expected 'process' or 'docker'")
-        if self.pool_type == "docker" and not self.image:
-            raise ValueError("a docker work pool needs an image (--image livethinking/light:<tag>)")
+        if self.pool_type not in ("process", "docker", "kubernetes"):
+            raise ValueError(f"pool_type {self.pool_type!r}: expected 'process', 'docker' or 'kubernetes'")
+        if self.pool_type in ("docker", "kubernetes") and not self.image:
+            raise ValueError(f"a {self.pool_type} work pool needs an image (--image livethinking/light:<tag>)")
         if len(self.cron.split()) != 5:
             raise ValueError(f"cron {self.cron!r}: expected 5 fields (minute hour day month weekday)")
         if ":" not in self.entrypoint:
@@ -71,8 +81,10 @@ def pinned_env(environ: dict[str, str]) -> dict[str, str]:
 
 
 def spec_for(target: str, environ: dict[str, str] | None = None, image: str | None = None,
-             workspace: str | None = None, **overrides: Any) -> DeploySpec:
-    """The deployment for `target` (local | production); non-None overrides replace spec fields."""
+             workspace: str | None = None, image_tag: str | None = None, image_repo: str | None = None,
+             **overrides: Any) -> DeploySpec:
+    """The deployment for `target` (local | production | kubernetes); non-None overrides replace
+    spec fields (kubernetes: --work-pool is the prefix of the three family pools)."""
     environ = dict(os.environ if environ is None else environ)
     env = pinned_env(environ)
     if target == "local":
@@ -85,15 +97,31 @@ def spec_for(target: str, environ: dict[str, str] | None = None, image: str | No
             "image": image, "network_mode": "host", "auto_remove": True, "stream_output": True,
             "volumes": [f"{workspace}:/app", "/var/run/docker.sock:/var/run/docker.sock"],
             "env": {**env, "PIPELINE_RUNNER": "docker", "LIVETHINKING_WORKSPACE": workspace}})
+    elif target == "kubernetes":
+        from flows.k8s import FAMILIES, base_job_template, pool_name
+
+        tag = image_tag or environ.get("LIVETHINKING_IMAGE_TAG", "latest")
+        repo = image_repo or environ.get("LIVETHINKING_IMAGE_REPO", "livethinking")  # e.g. registry.example/lt
+        images = {f: f"{repo}/{f}:{tag}" for f in FAMILIES}
+        images["light"] = image or images["light"]
+        prefix = overrides.get("work_pool") or "livethinking-k8s"
+        pools = {pool_name(f, prefix): base_job_template(f, images[f]) for f in FAMILIES}
+        # The flow's own pod: the light pool's template, env pinned like the other targets.
+        base = DeploySpec(work_pool=pool_name("light", prefix), pool_type="kubernetes", image=images["light"],
+                          job_variables={"image": images["light"], "env": env}, pool_templates=pools,
+                          parameters={"stages": None, "force": False,
+                                      "runner": {"kind": "kubernetes", "pool_prefix": prefix}})
+        overrides = {k: v for k, v in overrides.items() if k != "work_pool"}
     else:
-        raise ValueError(f"target {target!r}: expected 'local' or 'production'")
+        raise ValueError(f"target {target!r}: expected 'local', 'production' or 'kubernetes'")
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def ensure_work_pool(name: str, pool_type: str) -> None:
-    """Create the work pool if it is missing, with the worker type's default job template."""
+def ensure_work_pool(name: str, pool_type: str, template: dict | None = None) -> None:
+    """Create the work pool if it is missing, with `template` or the worker type's default job
+    template; an existing pool gets `template` when one is given (the code is its source)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
     from prefect.utilities.asyncutils import run_coro_as_sync
     from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
@@ -102,12 +130,15 @@ def ensure_work_pool(name: str, pool_type: str) -> None:
         try:
             pool = client.read_work_pool(name)
         except ObjectNotFound:
-            template = run_coro_as_sync(get_default_base_job_template_for_infrastructure_type(pool_type)) or {}
+            if template is None:
+                template = run_coro_as_sync(get_default_base_job_template_for_infrastructure_type(pool_type)) or {}
             client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
             return
-    if pool.type != pool_type:
-        raise ValueError(f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}; "
-                         "pick another --work-pool name")
+        if pool.type != pool_type:
+            raise ValueError(f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}; "
+                             "pick another --work-pool name")
+        if template is not None:
+            client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
 
 
 @contextlib.contextmanager
@@ -126,7 +157,9 @@ def deploy(spec: DeploySpec) -> str:
     from prefect.flows import load_flow_from_entrypoint
     from prefect.schedules import Cron
 
-    ensure_work_pool(spec.work_pool, spec.pool_type)
+    for name, template in spec.pool_templates.items():
+        ensure_work_pool(name, spec.pool_type, template)
+    ensure_work_pool(spec.work_pool, spec.pool_type, spec.pool_templates.get(spec.work_pool))
     common: dict[str, Any] = dict(
         name=spec.name, work_pool_name=spec.work_pool, schedules=[Cron(spec.cron, timezone=spec.timezone)],
         parameters=spec.parameters, job_variables=spec.job_variables, tags=list(spec.tags), paused=spec.paused,
@@ -134,9 +167,10 @@ def deploy(spec: DeploySpec) -> str:
     if spec.pool_type == "process":
         # The worker runs the flow where the source is (a pull step sets the working directory).
         return str(flow.from_source(source=spec.source, entrypoint=spec.entrypoint).deploy(**common))
-    # Docker: no pull step; the entrypoint (relative to the source folder, hence the chdir) is
-    # resolved in the container's working directory, /app, where the checkout is mounted. The
-    # image is built from containers/ and present on the worker host: nothing to build or push.
+    # Docker and Kubernetes: no pull step; the entrypoint (relative to the source folder, hence
+    # the chdir) is resolved in the container's working directory, /app, where the checkout is
+    # mounted. The image is built from containers/ and present on the worker host or in the
+    # cluster's registry: nothing to build or push.
     with _cwd(spec.source):
         target = load_flow_from_entrypoint(spec.entrypoint)
         return str(target.deploy(image=spec.image, build=False, push=False, **common))
@@ -154,7 +188,7 @@ def _param(text: str) -> tuple[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--target", choices=("local", "production"), default="local")
+    ap.add_argument("--target", choices=("local", "production", "kubernetes"), default="local")
     ap.add_argument("--name", help="deployment name (default nightly-retrain)")
     ap.add_argument("--cron", help="cron schedule (default '0 2 * * *')")
     ap.add_argument("--timezone", help="schedule time zone (default UTC)")
@@ -163,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--entrypoint", help="path/to/file.py:flow (relative to --source)")
     ap.add_argument("--image", help="production: the image the flow runs in")
     ap.add_argument("--workspace", help="production: host path of the checkout mounted at /app")
+    ap.add_argument("--image-tag", dest="image_tag", help="kubernetes: tag of livethinking/{light,train,vllm}")
+    ap.add_argument("--image-repo", dest="image_repo", help="kubernetes: the images' registry path (default livethinking)")
     ap.add_argument("--param", action="append", type=_param, default=[], help="flow parameter key=value (repeatable)")
     ap.add_argument("--paused", action="store_true", help="create the schedule paused")
     args = ap.parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("name", "cron", "timezone", "work_pool", "source", "entrypoint",
-                                              "image", "workspace")}
+                                              "image", "workspace", "image_tag", "image_repo")}
     if args.paused:
         overrides["paused"] = True
     spec = spec_for(args.target, **overrides)
@@ -176,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = dataclasses.replace(spec, parameters={**base, **dict(args.param)})
     deployment_id = deploy(spec)
     print(json.dumps({"deployment_id": deployment_id, "name": spec.name, "work_pool": spec.work_pool,
+                      "pools": sorted(spec.pool_templates) or [spec.work_pool],
                       "cron": spec.cron, "timezone": spec.timezone, "parameters": spec.parameters}))
     return 0
 

@@ -6,7 +6,8 @@ orchestration, logs, and an MLflow parent run under which every stage logs a nes
 
 `runner: docker` in params.yaml (section `runner`) runs each stale stage in its own container
 instead (flows/docker_runner.py) and then records it with `dvc commit`, so DVC's view stays
-the same whichever runner did the work.
+the same whichever runner did the work. `runner: kubernetes` runs it as a Kubernetes Job from
+its stage family's work pool (flows/k8s.py), then records it the same way.
 
     python -m flows.pipeline                      # the main job, ephemeral Prefect, no server
     python -m flows.pipeline --stages grpo evaluate export   # a part of it
@@ -95,8 +96,17 @@ def run_stage(stage: str, env: dict[str, str], force: bool = False, runner: dict
     if not force and not is_stale(stage, env):
         logger.info("%s is up to date", stage)
         return stage
-    cfg = DockerRunnerConfig(workspace=os.environ.get("LIVETHINKING_WORKSPACE", os.getcwd()),
-                             **{k: v for k, v in runner.items() if k != "kind"})
+    options = {k: v for k, v in runner.items() if k != "kind"}
+    if runner["kind"] == "kubernetes":
+        from flows.k8s import K8sRunnerConfig, run_stage_job
+
+        try:  # a Job from the stage family's work pool; the workspace volume is this pod's /app
+            run_stage_job(stage, K8sRunnerConfig(**options), log=logger.info, environ={**os.environ, **env})
+        except RuntimeError as e:
+            raise StageFailed(f"stage {stage} failed as a Kubernetes job: {e}") from None
+        _stream(["dvc", "commit", "--force", stage], env, stage, logger)
+        return stage
+    cfg = DockerRunnerConfig(workspace=os.environ.get("LIVETHINKING_WORKSPACE", os.getcwd()), **options)
     try:
         run_stage_container(stage, cfg, log=logger.info, environ={**os.environ, **env})  # lines come as "stage | ..."
     except StageContainerFailed as e:
@@ -106,8 +116,10 @@ def run_stage(stage: str, env: dict[str, str], force: bool = False, runner: dict
 
 
 @flow(name="livethinking-pipeline", log_prints=True)
-def pipeline(stages: list[str] | None = None, force: bool = False) -> dict[str, Any]:
-    """Run the stages in order under one MLflow parent run; returns reports/summary.json."""
+def pipeline(stages: list[str] | None = None, force: bool = False,
+             runner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the stages in order under one MLflow parent run; returns reports/summary.json.
+    `runner` replaces params.yaml's `runner` section (a deployment sets it per target)."""
     from steps.core import tracking
     from steps.core.config import load_params
     from steps.core.io import read_json
@@ -117,9 +129,9 @@ def pipeline(stages: list[str] | None = None, force: bool = False) -> dict[str, 
     # The main job: the sibling methods' rows (main: false) are `dvc repro`'s and `make compare`'s.
     todo = stages or [s for s in stage_names() if s not in side_stages(load_registry())]
     params = load_params()
-    runner = params.get("runner") or {"kind": "local"}
-    if runner.get("kind", "local") not in ("local", "docker"):
-        raise ValueError(f"params.yaml: runner.kind must be local or docker, got {runner.get('kind')!r}")
+    runner = runner or params.get("runner") or {"kind": "local"}
+    if runner.get("kind", "local") not in ("local", "docker", "kubernetes"):
+        raise ValueError(f"params.yaml: runner.kind must be local, docker or kubernetes, got {runner.get('kind')!r}")
     with tracking.pipeline_run("pipeline", params) as parent:
         env = {"MLFLOW_PARENT_RUN_ID": parent} if parent else {}
         for stage in todo:

@@ -40,6 +40,10 @@ def test_specs():
         DeploySpec(cron="nightly")
     with pytest.raises(ValueError, match="needs an image"):
         DeploySpec(pool_type="docker")
+    k8s = spec_for("kubernetes", environ={"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, image_tag="1.0")
+    assert (k8s.pool_type, k8s.work_pool, k8s.image) == ("kubernetes", "livethinking-k8s-light", "livethinking/light:1.0")
+    assert sorted(k8s.pool_templates) == ["livethinking-k8s-light", "livethinking-k8s-train", "livethinking-k8s-vllm"]
+    assert k8s.parameters["runner"] == {"kind": "kubernetes", "pool_prefix": "livethinking-k8s"}
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -75,7 +79,8 @@ def prefect_server(tmp_path_factory):
            "PYTHONPATH": str(ROOT)}
     server = _start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, tmp / "server.log")
     try:
-        deadline = time.monotonic() + 90
+        # 180 s: on 2 shared cores under a training job the server's start has taken over 90 s.
+        deadline = time.monotonic() + 180
         while True:
             try:
                 if httpx.get(f"{env['PREFECT_API_URL']}/health", timeout=2).status_code == 200:
@@ -144,3 +149,58 @@ def test_cron_deployment_is_scheduled_and_run_by_a_process_worker(prefect_server
         assert marker.read_text() == "nightly"
     finally:
         _stop(worker)
+
+
+@pytest.mark.slow
+def test_kubernetes_target_creates_the_family_pools_and_the_deployment(prefect_server):
+    """No cluster here: the pools and the deployment are read back through the Prefect API, and
+    the flow pod the worker would start is rendered by prefect-kubernetes' own job configuration
+    from the pool as stored, then validated against the Kubernetes schemas."""
+    import httpx
+    import kubernetes_validate
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    from flows.k8s import WORKER_ONLY_POD_FIELDS
+
+    env, _ = prefect_server
+    api = env["PREFECT_API_URL"]
+    out = _deploy(env, "--target", "kubernetes", "--image-tag", "1.0", "--work-pool", "test-k8s", "--paused")
+    assert out["work_pool"] == "test-k8s-light"
+    dep = httpx.get(f"{api}/deployments/{out['deployment_id']}").json()
+    assert dep["entrypoint"] == "flows/pipeline.py:pipeline" and dep["work_pool_name"] == "test-k8s-light"
+    assert dep["job_variables"]["image"] == "livethinking/light:1.0"
+    assert dep["parameters"]["runner"] == {"kind": "kubernetes", "pool_prefix": "test-k8s"}
+    pools = {f: httpx.get(f"{api}/work_pools/test-k8s-{f}").json() for f in ("light", "train", "vllm")}
+    for family, pool in pools.items():
+        assert pool["type"] == "kubernetes", pool
+        props = pool["base_job_template"]["variables"]["properties"]
+        assert props["image"]["default"] == f"livethinking/{family}:1.0"
+        box = pool["base_job_template"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+        assert box["envFrom"][1] == {"secretRef": {"name": "livethinking-s3"}}
+    train, vllm = (pools[f]["base_job_template"] for f in ("train", "vllm"))
+    assert train["variables"]["properties"]["gpu_count"]["default"] == 8
+    assert train["variables"]["properties"]["node_selector"]["default"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert vllm["variables"]["properties"]["gpu_count"]["default"] == 4
+    assert "gpu_count" not in pools["light"]["base_job_template"]["variables"]["properties"]
+
+    # Deploying again updates the pools' templates from the code (here: a new image tag).
+    _deploy(env, "--target", "kubernetes", "--image-tag", "1.1", "--work-pool", "test-k8s", "--paused")
+    stored = httpx.get(f"{api}/work_pools/test-k8s-train").json()["base_job_template"]
+    assert stored["variables"]["properties"]["image"]["default"] == "livethinking/train:1.1"
+
+    # The flow pod, as the worker renders it for a run of this deployment (job variables over the pool's).
+    light = httpx.get(f"{api}/work_pools/test-k8s-light").json()["base_job_template"]
+    with temporary_settings(updates={PREFECT_API_URL: api}):  # the server, not an ephemeral one
+        cfg = run_coro_as_sync(KubernetesWorkerJobConfiguration.from_template_and_values(light, dep["job_variables"]))
+        cfg.prepare_for_flow_run(FlowRun(flow_id=dep["flow_id"], name="nightly-1", deployment_id=dep["id"]))
+    job = cfg.job_manifest
+    # The two fields the worker insists on in the pod spec (tests/test_k8s.py says why), then strict.
+    assert [job["spec"]["template"]["spec"].pop(k) for k in WORKER_ONLY_POD_FIELDS] == [1, 1]
+    kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+    box = job["spec"]["template"]["spec"]["containers"][0]
+    assert box["image"] == "livethinking/light:1.0"
+    assert box["command"] + box["args"] == ["python", "-m", "prefect", "flow-run", "execute"]
+    assert {e["name"] for e in box["env"]} >= {"PREFECT__FLOW_RUN_ID", "PREFECT_API_URL"}

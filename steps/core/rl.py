@@ -21,6 +21,13 @@ in params) and its rollout (steps.core.rollouts, by protocol name); `train_rl` d
   reused (`num_iterations > 1` or `steps_per_generation > 1`); otherwise the ratio is exactly 1
   and the clip (`epsilon`, `epsilon_high`) never acts — the loss is then the plain policy
   gradient with advantages. The override forces the computation.
+- **Rollouts on a vLLM server** (`vllm: {mode: server, ...}`, GPU machines only): TRL's server
+  mode (GRPOConfig `use_vllm`, `vllm_mode: server`) with `trl vllm-serve` on GPUs of its own. TRL
+  pushes the live weights to the server (NCCL) before each rollout; with a `rollout_func` it does
+  not generate itself, so the stage's rollout decodes through the server (`TRLServerBackend`,
+  TRL's own client) instead of in-process. Only rollouts that need nothing but generation can
+  (plain, think, no_think); one that drives the in-process model (relay, router) is refused with
+  the reason. Without CUDA the setting is refused before anything starts (`vllm_grpo_args`).
 - **Importance sampling level** (`importance_sampling_level`): the ratio per token (`token`,
   GRPO's), or one per sequence from the mean per-token log-ratio (`sequence`, as AdaptThink's
   reference computes it).
@@ -36,6 +43,22 @@ from steps.core import training
 from steps.core.training import finish_stage  # noqa: F401  (every RL stage imports it from here)
 from steps.core.config import help_field
 from steps.core.rewards import check_spec, make_rewards
+
+
+@dataclass(frozen=True)
+class VLLMServerConfig:
+    """Where rollouts are decoded when not in-process: a `trl vllm-serve` server (TRL's server mode)."""
+    mode: Literal["off", "server"] = help_field("off", "off: in-process transformers; server: a trl vllm-serve")
+    host: str = help_field("127.0.0.1", "the server's host (ignored when base_url is set)")
+    port: int = help_field(8000, "the server's HTTP port (trl vllm-serve --port)", ge=1, le=65535)
+    base_url: str | None = help_field(None, "e.g. http://vllm-rollouts:8000 (replaces host and port)")
+    group_port: int = help_field(51216, "the NCCL port weights are pushed over (trl vllm-serve's default)",
+                                 ge=1, le=65535)
+    timeout_s: float = help_field(240.0, "how long to wait for the server at start", gt=0.0)
+
+
+# Rollout protocols that decode through the back end's generate() alone, so a server can do it.
+SERVER_PROTOCOLS = ("plain", "think", "no_think")
 
 
 @dataclass(frozen=True)
@@ -69,11 +92,117 @@ class RLConfig:
     threads: int = help_field(2, "torch CPU threads", ge=1)
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
     seed: int = help_field(0, "null: base.seed")
+    vllm: dict = field(default_factory=dict, metadata={"help": "rollouts on a vLLM server (VLLMServerConfig): "
+                                                               "{mode: server, host, port | base_url, group_port, "
+                                                               "timeout_s}; empty: in-process"})
 
     def __post_init__(self) -> None:
         check_spec(self.rewards, "rewards")
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed")
+        server = self.vllm_server  # unknown keys and bad values fail here, with the key's name
+        if server.mode == "server" and self.protocol not in SERVER_PROTOCOLS:
+            raise ValueError(f"vllm.mode: server: the rollout protocol {self.protocol!r} drives the in-process "
+                             f"policy model between generations (TRL's rollout_func hands it the trainer), which "
+                             f"a vLLM server cannot do; server mode serves {list(SERVER_PROTOCOLS)}: "
+                             "set vllm: {} for this stage")
+
+    @property
+    def vllm_server(self) -> VLLMServerConfig:
+        from steps.core.config import build
+
+        return build(VLLMServerConfig, dict(self.vllm), "vllm")
+
+
+def vllm_grpo_args(cfg: RLConfig, cuda: bool, section: str) -> dict[str, Any]:
+    """GRPOConfig's vLLM fields for the stage's `vllm` key ({} when off). Refused without CUDA:
+    TRL pushes weights to the server over NCCL, and a CPU run must never take this path."""
+    from steps.core.config import ConfigError
+
+    server = cfg.vllm_server
+    if server.mode == "off":
+        return {}
+    if not cuda:
+        raise ConfigError(f"params.yaml: section '{section}': vllm.mode: server needs CUDA GPUs (the trainer pushes "
+                          "its weights to the trl vllm-serve server over NCCL) and none is visible; remove the "
+                          "vllm key to decode rollouts in-process, or run on a GPU machine (README: GRPO rollouts "
+                          "on a vLLM server)")
+    args: dict[str, Any] = {"use_vllm": True, "vllm_mode": "server", "vllm_group_port": server.group_port,
+                            "vllm_server_timeout": server.timeout_s}
+    if server.base_url:
+        args["vllm_server_base_url"] = server.base_url
+    else:
+        args.update(vllm_server_host=server.host, vllm_server_port=server.port)
+    return args
+
+
+class TRLServerBackend:
+    """The generation back end over TRL's VLLMClient (a trl vllm-serve's /v1/completions), so
+    the stage's rollout decodes on the server that holds the live weights. TRL gives the client
+    to the main process only: every process's prompts are gathered there, generated in one
+    request and each process gets its share back (one generate call per rollout: the server
+    protocols make exactly one). Seeds: one per request, not per row (vLLM's server takes one)."""
+
+    name = "trl-vllm-server"
+
+    def __init__(self, client: Any, tokenizer: Any, accelerator: Any = None):
+        self.client, self.tokenizer, self.accelerator = client, tokenizer, accelerator
+
+    def _eos_ids(self) -> set[int]:
+        return {i for i in (self.tokenizer.eos_token_id,) if i is not None}
+
+    def generate(self, prompts, sampling, on_batch=None):
+        from steps.core.backends import Completion
+
+        texts = [p.text for p in prompts]
+        acc = self.accelerator
+        if acc is not None and acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list, gather_object
+
+            everyone = gather_object([texts])  # one list per process, in process order
+            flat = [t for part in everyone for t in part]
+            box = [self._request(flat, sampling) if acc.is_main_process else None]
+            broadcast_object_list(box, from_process=0)
+            start = sum(len(part) for part in everyone[:acc.process_index])
+            got = box[0]
+            out = {"prompt_ids": got["prompt_ids"][start:], "completion_ids": got["completion_ids"][start * sampling.n:],
+                   "latency_s": got["latency_s"]}
+        else:
+            out = self._request(texts, sampling)
+        eos = self._eos_ids()
+        results: list[list[Completion]] = []
+        t_share = out["latency_s"] / max(1, len(texts))
+        for i, _ in enumerate(texts):
+            comps = []
+            for ids in out["completion_ids"][i * sampling.n:(i + 1) * sampling.n]:
+                stop = next((k for k, t in enumerate(ids) if t in eos), None)
+                kept = ids if stop is None else ids[:stop]
+                comps.append(Completion(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                                        completion_tokens=len(kept), finish_reason="length" if stop is None else "stop",
+                                        prompt_tokens=len(out["prompt_ids"][i]), latency_s=t_share,
+                                        token_ids=tuple(kept)))
+            results.append(comps)
+        if on_batch:
+            on_batch(list(range(len(texts))), results)
+        return results
+
+    def _request(self, texts: list[str], sampling: Any) -> dict[str, Any]:
+        import time
+
+        t0 = time.perf_counter()
+        out = self.client.generate(prompts=texts, n=sampling.n, temperature=sampling.temperature,
+                                   top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, logprobs=None,
+                                   generation_kwargs={"seed": sampling.seed})
+        return {"prompt_ids": out["prompt_ids"], "completion_ids": out["completion_ids"],
+                "latency_s": time.perf_counter() - t0}
+
+    def close(self) -> None:
+        pass  # the trainer owns the client
+
+
+def stage_section(cfg: RLConfig) -> str:
+    """The params section of an RL stage's config (GrpoConfig -> grpo, AdaptThinkConfig -> adaptthink)."""
+    return type(cfg).__name__.removesuffix("Config").lower()
 
 
 def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
@@ -86,7 +215,10 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
         tok = trainer.processing_class
         model = trainer.accelerator.unwrap_model(trainer.model)
         with training.generation_mode(model):
-            backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts))
+            if getattr(trainer, "use_vllm", False):  # server mode: TRL has just pushed the live weights there
+                backend = TRLServerBackend(getattr(trainer.vllm_generation, "vllm_client", None), tok, trainer.accelerator)
+            else:
+                backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts))
             rollout = make_rollout(cfg.protocol, backend, **cfg.protocol_options)
             step = trainer.state.global_step
             # One seed per prompt occurrence: the K copies of a prompt must differ.
@@ -154,6 +286,10 @@ def train_rl(cfg: RLConfig, rows: list[dict[str, Any]], policy: str, out_dir: Pa
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is our deliberate choice
 
+    import torch
+
+    # Before anything loads: a CPU run must never take the vLLM server path.
+    vllm_args = vllm_grpo_args(cfg, torch.cuda.is_available(), stage_section(cfg))
     training.set_threads(cfg.threads)
     reward_fns, weights = make_rewards(cfg.rewards)
     is_moe = hasattr(AutoConfig.from_pretrained(policy), "output_router_logits")
@@ -171,7 +307,7 @@ def train_rl(cfg: RLConfig, rows: list[dict[str, Any]], policy: str, out_dir: Pa
                       router_aux_loss_coef=cfg.lambda_aux if is_moe else None,
                       # Rollouts must not compute the MoE router loss (it fails on padded, cached
                       # generation); TRL asks for router logits in the training forward pass itself.
-                      model_init_kwargs={"output_router_logits": False} if is_moe else None)
+                      model_init_kwargs={"output_router_logits": False} if is_moe else None, **vllm_args)
     tokenizer = AutoTokenizer.from_pretrained(policy)
     trainer_cls = make_trainer_class(cfg.advantage, old_logp_override)
     # The reference model (beta > 0) is built from the policy's path, so pass the directory.
