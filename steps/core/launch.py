@@ -55,16 +55,12 @@ def parse(spec: dict[str, Any] | None, where: str = "launcher") -> Launcher:
     return launcher
 
 
-def rank() -> int:
-    """This process's global rank: torchrun (which accelerate launch runs) sets RANK; 0 alone."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:
+    """Rank 0 of a launched run (torchrun, which accelerate launch runs, sets RANK), or a plain process."""
     from steps.core.io import is_main_process
 
     return is_main_process()
