@@ -8,6 +8,11 @@ the command mean the same inside and out. Network mode host: MLflow, S3 and mode
 bound to 127.0.0.1 on the host are reachable at the same URLs. Stages run as the calling
 user, so their outputs in the workspace belong to whoever runs the pipeline.
 
+A training stage whose params set `launcher` (steps/core/launch.py) starts `accelerate launch`
+itself inside its container, on the GPUs the container was given (`gpus`: "all" or ids, for the
+families in `gpu_families`); the shared-memory size (`shm_size`) is what NCCL and data loaders need
+between its processes. One container holds all of a stage's processes (one machine).
+
 DVC does not see a container run: after one, `dvc commit -f <stage>` records its outputs in
 dvc.lock (the flow's job when it uses this runner).
 
@@ -36,8 +41,10 @@ DEFAULT_FAMILY = "train"
 DEFAULT_IMAGES = {"light": "livethinking/light:latest", "train": "livethinking/train:latest",
                   "vllm": "livethinking/vllm:latest"}
 # Passed from the caller's environment into every stage container: tracking, storage, the
-# pipeline's own switches, model hubs and backends. Nothing else leaks in (no PATH, no HOME).
-ENV_PREFIXES = ("MLFLOW_", "AWS_", "S3_", "PIPELINE_", "HF_", "VLLM_", "OPENAI_", "TOKENIZERS_", "CUDA_VISIBLE_")
+# pipeline's own switches, model hubs and backends, and the distributed launcher's settings
+# (ACCELERATE_*, NCCL_*: e.g. NCCL_DEBUG, NCCL_SOCKET_IFNAME). Nothing else leaks in (no PATH, no HOME).
+ENV_PREFIXES = ("MLFLOW_", "AWS_", "S3_", "PIPELINE_", "HF_", "VLLM_", "OPENAI_", "TOKENIZERS_", "CUDA_VISIBLE_",
+                "ACCELERATE_", "NCCL_")
 MOUNT_POINT = "/app"
 
 

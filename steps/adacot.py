@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from steps.core import launch
 from steps.core.config import help_field, load_config
 from steps.core.rewards import check_spec
 from steps.core.rl import RLConfig, finish_stage, prompt_rows, train_rl
@@ -93,7 +94,8 @@ def train_adacot(cfg: AdacotConfig, rows: list[dict[str, Any]], policy: str, out
         result["metrics"].update({f"slm_{k}": v for k, v in slm["metrics"].items()})
         result["metrics"]["slm_prompts"] = len(slm_rows)
     main = train_rl(replace(cfg, protocol_options={**cfg.protocol_options, "mask_decision": False}), rows, policy, out)
-    shutil.rmtree(out / "slm", ignore_errors=True)  # the intermediate model is not an output
+    if launch.is_main():
+        shutil.rmtree(out / "slm", ignore_errors=True)  # the intermediate model is not an output
     result["history"] = main["history"]
     result["metrics"].update(main["metrics"])
     result["metrics"]["labelled_prompts"] = sum(r.get("hops") is not None for r in rows)
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/adacot")
     args = ap.parse_args(argv)
     cfg = load_config(AdacotConfig, "adacot", args.params)
+    if launch.relaunched("steps.adacot", cfg.launcher, argv, args.params, "adacot"):
+        return
     rows = prompt_rows(cfg, read_validated(args.data, EXAMPLES), args.rft)
     out = Path(args.out)
     result = train_adacot(cfg, rows, args.rft, out)

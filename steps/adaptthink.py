@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from steps.core import launch
 from steps.core.config import help_field, load_config
 from steps.core.io import InputError
 from steps.core.rl import RLConfig, finish_stage, prompt_rows, train_rl
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/adaptthink")
     args = ap.parse_args(argv)
     cfg = load_config(AdaptThinkConfig, "adaptthink", args.params)
+    if launch.relaunched("steps.adaptthink", cfg.launcher, argv, args.params, "adaptthink"):
+        return
     out = Path(args.out)
     rows = prompt_rows(cfg, read_validated(args.data, EXAMPLES), args.rft)
     ref = reference_pass(args.rft, rows, cfg)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from steps.core import launch
 from steps.core.config import help_field, load_config
 from steps.core.rl import RLConfig, finish_stage, prompt_rows, train_rl
 from steps.core.schemas import EXAMPLES, read_validated
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/dler")
     args = ap.parse_args(argv)
     cfg = load_config(DlerConfig, "dler", args.params)
+    if launch.relaunched("steps.dler", cfg.launcher, argv, args.params, "dler"):
+        return
     rows = prompt_rows(cfg, read_validated(args.data, EXAMPLES), args.rft)
     out = Path(args.out)
     finish_stage("dler", cfg, args.rft, out, train_rl(cfg, rows, args.rft, out))

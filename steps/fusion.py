@@ -62,6 +62,9 @@ class FusionConfig:
 
         if "chat_template_kwargs" in self.train:
             raise ConfigError("train.chat_template_kwargs: set by the stage (each mode renders its own prompts)")
+        if self.train.get("launcher"):
+            raise ConfigError("train.launcher: the fusion stage trains in one process (it samples the teacher "
+                              "first); the rft stage and the RL stages take a launcher")
         return build(RftConfig, {**self.train, "seed": self.seed}, "train")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from steps.core.backends import SamplingParams, TransformersBackend
+from steps.core import launch
 from steps.core.config import help_field, load_config
 from steps.core.io import read_json, write_jsonl
 from steps.core.rl import RLConfig, train_rl
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/grpo")
     args = ap.parse_args(argv)
     cfg = load_config(GrpoConfig, "grpo", args.params)
+    if launch.relaunched("steps.grpo", cfg.launcher, argv, args.params, "grpo"):
+        return
     policy = args.rft if cfg.init == "rft" else read_json(args.models)["student_base"]
     rows = prompt_rows(cfg, read_validated(args.data, EXAMPLES), policy)
     ref = measure_ref_lengths(policy, rows, cfg)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from steps.core import launch
 from steps.core.config import help_field, load_config
 from steps.core.rl import RLConfig, finish_stage, train_rl
 from steps.core.schemas import EXAMPLES, read_validated
@@ -100,8 +101,10 @@ def add_command_tokens(model_dir: str, out: Path) -> tuple[str, bool]:
     tok.add_tokens(list(COMMAND_TAGS))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.resize_token_embeddings(len(tok))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    if launch.is_main():  # a launched run: written once, read by every process after the barrier
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    launch.wait_for_everyone()
     return str(out), True
 
 
@@ -203,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/relay")
     args = ap.parse_args(argv)
     cfg = load_config(RelayConfig, "relay", args.params)
+    if launch.relaunched("steps.relay", cfg.launcher, argv, args.params, "relay"):
+        return
     teacher = cfg.teacher or read_json(args.models)["teacher"]
     out = Path(args.out)
     result = train_relay(cfg, read_validated(args.data, EXAMPLES), args.rft, teacher, out)

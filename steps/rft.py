@@ -8,6 +8,9 @@ Loss: L_total = L_SFT + lambda_aux * L_aux. TRL's SFTTrainer computes L_SFT on c
 tokens only; for a Mixture-of-Experts student the model returns the router load-balancing
 loss L_aux and the trainer adds it with `router_aux_loss_coef` = `lambda_aux` (0 for dense
 models, where the term does not exist).
+
+Scale-out: `launcher` runs the stage under `accelerate launch` (DDP, FSDP, DeepSpeed ZeRO;
+steps/core/launch.py); `batch_size` is the global batch, split over the processes.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps.core import training
+from steps.core import launch, training
 from steps.core.config import help_field, load_config
 from steps.core.io import InputError, read_json
 from steps.core.schemas import EXAMPLES, JUDGED, read_validated
@@ -29,7 +32,7 @@ class RftConfig:
     max_steps: int = help_field(-1, "optimiser steps; -1 means use epochs", ge=-1)
     learning_rate: float = help_field(1e-3, "peak learning rate (cosine schedule)", gt=0.0)
     warmup_ratio: float = help_field(0.05, "share of steps spent warming up", ge=0.0, lt=1.0)
-    batch_size: int = help_field(32, "sequences per device step", ge=1)
+    batch_size: int = help_field(32, "sequences per optimiser step (split over the launcher's processes)", ge=1)
     lambda_aux: float | None = help_field(0.01, "MoE load-balancing loss weight; None: the model config's own",
                                         ge=0.0)
     max_length: int = help_field(512, "tokens per training sequence (prompt + completion)", ge=1)
@@ -38,6 +41,12 @@ class RftConfig:
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
     seed: int = help_field(0, "null: base.seed; changing it alone re-runs rft, grpo and evaluate only",
                            ge=0)
+    launcher: dict = field(default_factory=dict, metadata={
+        "help": "{config: infra/accelerate/<ddp|fsdp|zero2|zero3>.yaml, num_processes: N}; empty: one process "
+                "(steps/core/launch.py)"})
+
+    def __post_init__(self) -> None:
+        launch.parse(self.launcher)
 
 
 def sft_rows(examples: list[dict[str, Any]], kept: list[dict[str, Any]], tokenizer: Any,
@@ -67,15 +76,18 @@ def train_sft(cfg: RftConfig, rows: list[dict[str, str]], base_model: str, out_d
     is_moe = hasattr(model.config, "router_aux_loss_coef")
     args = SFTConfig(**training.common_args(out_dir / "checkpoints", seed=cfg.seed, learning_rate=cfg.learning_rate,
                                             batch_size=cfg.batch_size, max_steps=cfg.max_steps, epochs=cfg.epochs,
-                                            warmup_ratio=cfg.warmup_ratio, logging_steps=5, bf16=cfg.bf16),
+                                            warmup_ratio=cfg.warmup_ratio, logging_steps=5, bf16=cfg.bf16,
+                                            batch_key=f"{stage_name}: batch_size"),
                      max_length=cfg.max_length, completion_only_loss=True, packing=False,
                      router_aux_loss_coef=cfg.lambda_aux if is_moe else None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     result = trainer.train()
     model_dir = out_dir / "model"
     trainer.model.config.use_cache = True
-    trainer.save_model(str(model_dir))
-    tokenizer.save_pretrained(model_dir)
+    trainer.save_model(str(model_dir))  # on the main process (FSDP / ZeRO-3: gathered from every one)
+    if launch.is_main():
+        tokenizer.save_pretrained(model_dir)
+    launch.wait_for_everyone()  # the model is complete on disk before any process reads it back
     history = training.history_rows(trainer.state.log_history)
     losses = [h["loss"] for h in history if "loss" in h]
     aux = [h["aux_loss"] for h in history if "aux_loss" in h]
@@ -94,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/rft")
     args = ap.parse_args(argv)
     cfg = load_config(RftConfig, "rft", args.params)
+    if launch.relaunched("steps.rft", cfg.launcher, argv, args.params, "rft"):
+        return
     base = cfg.base_model or read_json(args.models)["student_base"]
     examples = read_validated(args.data, EXAMPLES)
     kept = read_validated(args.kept, JUDGED)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steps.core import launch
 from steps.core.config import help_field, load_config
 from steps.core.rl import RLConfig, finish_stage, train_rl
 from steps.core.schemas import EXAMPLES, read_validated
@@ -116,8 +117,10 @@ def add_routing_tokens(model_dir: str, out: Path, names: list[str]) -> tuple[str
     tok.add_tokens(missing)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.resize_token_embeddings(len(tok))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    if launch.is_main():  # a launched run: written once, read by every process after the barrier
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    launch.wait_for_everyone()
     return str(out), True
 
 
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/router")
     args = ap.parse_args(argv)
     cfg = load_config(RouterConfig, "router", args.params)
+    if launch.relaunched("steps.router", cfg.launcher, argv, args.params, "router"):
+        return
     out = Path(args.out)
     policy, added = add_routing_tokens(args.rft, out / "policy_base", cfg.member_names())
     rows = routing_prompt_rows(cfg, read_validated(args.data, EXAMPLES), policy)

@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real servers, whole pipelines, training runs (CI runs them)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skips without one)")
     config.addinivalue_line("markers", "docker: needs a Docker engine (`make test` starts one: infra/ensure_docker.sh)")
 
 

@@ -65,6 +65,12 @@ def test_gpu_requests_only_for_gpu_families():
     assert train["volumes"] == {str(ROOT): {"bind": "/app", "mode": "rw"}} and train["working_dir"] == "/app"
     assert train["user"] == "1000:1000" and train["command"][:3] == ["steps.rft", "--data", "data/ingest/train.jsonl"]
     assert "user" not in run_kwargs("rft", DockerRunnerConfig(workspace=str(ROOT), user=None), {})
+    # A launched stage (params `launcher`) starts accelerate launch inside its container: it gets the
+    # GPUs, the same `python -m steps.<stage>` command, and the launcher's environment.
+    grpo = run_kwargs("grpo", cfg, {"NCCL_DEBUG": "INFO", "ACCELERATE_LOG_LEVEL": "info", "MASTER_PORT": "1"})
+    assert grpo["device_requests"] == train["device_requests"] and grpo["command"][0] == "steps.grpo"
+    assert {"NCCL_DEBUG": "INFO", "ACCELERATE_LOG_LEVEL": "info"}.items() <= grpo["environment"].items()
+    assert "MASTER_PORT" not in grpo["environment"] and grpo["shm_size"] == "8g"
 
 
 def test_line_splitter():

@@ -128,8 +128,12 @@ def test_rollout_func_hands_trl_the_ownership_mask_and_the_eos(tmp_path):
         policy = tiny_model(tmp_path / "policy", TINY_DENSE, rows)
         tok = AutoTokenizer.from_pretrained(policy)
         model = AutoModelForCausalLM.from_pretrained(policy)
-        trainer = SimpleNamespace(processing_class=tok, model=model, state=SimpleNamespace(global_step=0),
-                                  accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+        from accelerate import Accelerator
+
+        # The parts of a trainer the rollout reads; the model unwrapped for generation as TRL does.
+        trainer = SimpleNamespace(processing_class=tok, model=model, model_wrapped=model,
+                                  state=SimpleNamespace(global_step=0), accelerator=Accelerator(cpu=True),
+                                  args=SimpleNamespace(ds3_gather_for_generation=True))
         cfg = RLConfig(rewards={"format": {}}, protocol="test_inserting")
         model.train()
         out = rollout_func(cfg)(["x y", "x z"], trainer)

@@ -1,4 +1,7 @@
-"""File I/O that never leaves half-written outputs and names the file and line of bad input."""
+"""File I/O that never leaves half-written outputs and names the file and line of bad input.
+
+In a stage launched on several processes (steps.core.launch) only the main one writes: the
+others' atomic writes are discarded, so an output is written once however the stage runs."""
 from __future__ import annotations
 
 import contextlib
@@ -27,9 +30,17 @@ class InputError(ValueError):
     """Bad input data; the message names the file, the line (1-based) and the field."""
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a launched run (torchrun, which `accelerate launch` runs, sets RANK), or a plain
+    process. Read here rather than from steps.core.launch, so that every stage's code stays free
+    of the launcher (and of its dvc.yaml deps)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds
+    (and this is the main process: module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
@@ -37,8 +48,9 @@ def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, _FILE_MODE)
-        os.replace(tmp_path, path)
+        if is_main_process():
+            os.chmod(tmp_path, _FILE_MODE)
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

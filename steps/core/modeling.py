@@ -127,8 +127,10 @@ def prefill_flops(profile: dict[str, int], prompt_tokens: int) -> float:
 
 
 def save_profile(model: Any, directory: Path | str) -> dict[str, int]:
+    from steps.core.io import write_json
+
     prof = flops_profile(model)
-    (Path(directory) / "flops_profile.json").write_text(json.dumps(prof, indent=2) + "\n")
+    write_json(Path(directory) / "flops_profile.json", prof)  # atomic, and once in a launched run
     return prof
 
 

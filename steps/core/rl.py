@@ -31,6 +31,11 @@ in params) and its rollout (steps.core.rollouts, by protocol name); `train_rl` d
 - **Importance sampling level** (`importance_sampling_level`): the ratio per token (`token`,
   GRPO's), or one per sequence from the mean per-token log-ratio (`sequence`, as AdaptThink's
   reference computes it).
+- **Scale-out** (`launcher`, steps/core/launch.py): the stage runs under `accelerate launch`
+  (DDP, FSDP, DeepSpeed ZeRO). A step's prompts_per_step x num_generations completions are
+  split over the processes; each decodes its share with the live policy unwrapped as TRL's
+  own generation does (ZeRO-3 parameters gathered, FSDP1 parameters summoned), and a
+  completion's seed comes from its global index, so one process or several draw the same ones.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from steps.core import training
+from steps.core import launch, training
 from steps.core.training import finish_stage  # noqa: F401  (every RL stage imports it from here)
 from steps.core.config import help_field
 from steps.core.rewards import check_spec, make_rewards
@@ -95,8 +100,12 @@ class RLConfig:
     vllm: dict = field(default_factory=dict, metadata={"help": "rollouts on a vLLM server (VLLMServerConfig): "
                                                                "{mode: server, host, port | base_url, group_port, "
                                                                "timeout_s}; empty: in-process"})
+    launcher: dict = field(default_factory=dict, metadata={
+        "help": "{config: infra/accelerate/<ddp|fsdp|zero2|zero3>.yaml, num_processes: N}; empty: one process "
+                "(steps/core/launch.py)"})
 
     def __post_init__(self) -> None:
+        launch.parse(self.launcher)
         check_spec(self.rewards, "rewards")
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed")
@@ -207,22 +216,31 @@ def stage_section(cfg: RLConfig) -> str:
 
 def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
     """TRL's `rollout_func` over the stage's rollout, decoding the trainer's live policy."""
+    from trl.distributed import DistributedBackend
+    from trl.models import unwrap_model_for_generation
+
     from steps.core.backends import SamplingParams, TransformersBackend, derive_seed
     from steps.core.prompts import Prompt
     from steps.core.rollouts import make_rollout
 
     def run(prompts: list[str], trainer: Any) -> dict[str, Any]:
         tok = trainer.processing_class
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        with training.generation_mode(model):
+        acc = trainer.accelerator
+        with unwrap_model_for_generation(trainer.model_wrapped, acc,
+                                         gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as model, \
+                DistributedBackend(acc).summon_full_params(trainer.model_wrapped, recurse=False), \
+                training.generation_mode(model):
             if getattr(trainer, "use_vllm", False):  # server mode: TRL has just pushed the live weights there
-                backend = TRLServerBackend(getattr(trainer.vllm_generation, "vllm_client", None), tok, trainer.accelerator)
+                backend = TRLServerBackend(getattr(trainer.vllm_generation, "vllm_client", None), tok, acc)
             else:
                 backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts))
             rollout = make_rollout(cfg.protocol, backend, **cfg.protocol_options)
             step = trainer.state.global_step
-            # One seed per prompt occurrence: the K copies of a prompt must differ.
-            ps = [Prompt(messages=(), text=p, key=f"{step}/{i}") for i, p in enumerate(prompts)]
+            # One seed per prompt occurrence: the K copies of a prompt must differ. The index is
+            # global (this process holds the step's slice number process_index), so a launched
+            # run draws the completions a single process would.
+            first = acc.process_index * len(prompts)
+            ps = [Prompt(messages=(), text=p, key=f"{step}/{first + i}") for i, p in enumerate(prompts)]
             sampling = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length,
                                       seed=derive_seed(cfg.seed, "rl", step))
             outs = [cs[0] for cs in rollout.run(ps, sampling)]
@@ -296,7 +314,8 @@ def train_rl(cfg: RLConfig, rows: list[dict[str, Any]], policy: str, out_dir: Pa
     batch = cfg.prompts_per_step * cfg.num_generations
     args = GRPOConfig(**training.common_args(out_dir / "checkpoints", seed=cfg.seed, learning_rate=cfg.learning_rate,
                                              batch_size=batch, max_steps=cfg.max_steps, epochs=1.0,
-                                             warmup_ratio=cfg.warmup_ratio, logging_steps=5, bf16=cfg.bf16),
+                                             warmup_ratio=cfg.warmup_ratio, logging_steps=5, bf16=cfg.bf16,
+                                             batch_key="prompts_per_step x num_generations"),
                       num_generations=cfg.num_generations, generation_batch_size=batch,
                       max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                       beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
@@ -315,8 +334,10 @@ def train_rl(cfg: RLConfig, rows: list[dict[str, Any]], policy: str, out_dir: Pa
                           processing_class=tokenizer, rollout_func=rollout_func(cfg))
     result = trainer.train()
     trainer.model.config.use_cache = True
-    trainer.save_model(str(out_dir / "model"))
-    tokenizer.save_pretrained(out_dir / "model")
+    trainer.save_model(str(out_dir / "model"))  # on the main process (FSDP / ZeRO-3: gathered from every one)
+    if launch.is_main():
+        tokenizer.save_pretrained(out_dir / "model")
+    launch.wait_for_everyone()  # the model is complete on disk before any process reads it back
     history = training.history_rows(trainer.state.log_history)
     last = next((h for h in reversed(history) if "reward" in h), {})
     metrics = {"train_loss": float(result.training_loss), "steps": int(result.global_step),

@@ -44,7 +44,11 @@ EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "livethinking")
 
 
 def enabled() -> bool:
-    return os.environ.get("PIPELINE_TRACKING", "on").lower() not in ("off", "0", "false")
+    """Tracking is on unless PIPELINE_TRACKING turns it off; in a stage launched on several
+    processes (steps.core.launch) only the main one logs."""
+    from steps.core.io import is_main_process
+
+    return os.environ.get("PIPELINE_TRACKING", "on").lower() not in ("off", "0", "false") and is_main_process()
 
 
 def _mlflow(uri: str | None = None, experiment: str | None = None):
