@@ -1,0 +1,87 @@
+"""The fast rollout engine (steps.core.engine) against transformers' model.generate, on tiny real models.
+
+Untrained tiny models at the default initialisation repeat one token under greedy decoding;
+these are initialised wide (initializer_range 0.5) so that completions differ, and one of
+their frequent tokens is made an extra end-of-sequence id so that rows stop at many different
+steps: the engine's dropping of finished rows (and of the left padding of prompts no longer
+in the batch) is then on the path of every comparison.
+"""
+import collections
+
+import pytest
+
+from steps.core.backends import SamplingParams, make_backend
+from steps.core.prompts import render
+from tests.helpers import TINY_DENSE, TINY_MOE, examples, tiny_model
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def backends(request, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    arch = {"dense": TINY_DENSE, "moe": TINY_MOE}[request.param]
+    rows = examples()
+    path = tiny_model(tmp_path_factory.mktemp("engine") / request.param, {**arch, "initializer_range": 0.5}, rows)
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [render(e, tok) for e in rows]
+    slow = make_backend("transformers", model=str(path), batch_size=64)
+    first = slow.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=16))
+    common = collections.Counter(t for cs in first for t in cs[0].token_ids[1:]).most_common(1)[0][0]
+    slow.model.generation_config.eos_token_id = [tok.eos_token_id, common]
+    fast = make_backend("transformers", model=str(path), model_obj=slow.model, tokenizer_obj=tok, batch_size=64,
+                        engine="fast")
+    return slow, fast, prompts
+
+
+def _flat(outs):
+    return [(c.token_ids, c.finish_reason, c.text) for cs in outs for c in cs]
+
+
+def test_greedy_is_token_identical_to_model_generate(backends):
+    slow, fast, prompts = backends
+    sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+    a, b = _flat(slow.generate(prompts, sampling)), _flat(fast.generate(prompts, sampling))
+    assert a == b
+    lengths = [len(ids) for ids, _, _ in a]
+    assert len(set(lengths)) >= 3 and {r for _, r, _ in a} == {"stop", "length"}  # rows left at many steps
+
+
+def test_sampled_completions_match_model_generate_draw_for_draw(backends):
+    """The same uniform per (row, generated position): identical completions, unless float
+    noise in logits from a batch of another size tips a draw (then only that row differs)."""
+    slow, fast, prompts = backends
+    sampling = SamplingParams(n=4, temperature=1.0, top_p=0.9, max_new_tokens=16, seed=3)
+    a, b = _flat(slow.generate(prompts, sampling)), _flat(fast.generate(prompts, sampling))
+    same = sum(x == y for x, y in zip(a, b))
+    assert same >= 0.9 * len(a), f"{same}/{len(a)} completions identical"
+    assert len({len(ids) for ids, _, _ in b}) >= 3
+
+
+def test_a_completion_does_not_depend_on_its_batch(backends):
+    _, fast, prompts = backends
+    sampling = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=5)
+    together = fast.generate(prompts, sampling)
+    alone = [fast.generate([p], sampling)[0] for p in prompts[:3]]
+    assert [[c.token_ids for c in cs] for cs in alone] == [[c.token_ids for c in cs] for cs in together[:3]]
+
+
+def test_finished_rows_cost_nothing(backends):
+    """Every forward pass after the prefill decodes exactly the rows still running: a row that
+    stopped at end-of-sequence after k tokens is in k decode passes (the pass after each kept
+    token), one cut at the budget in k - 1 (no pass after its last token)."""
+    from steps.core.engine import FastEngine
+
+    slow, _, prompts = backends
+    tok = slow.tokenizer
+    ids = [tok(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+    engine = FastEngine(slow.model, slow._eos_ids(), tok.pad_token_id)
+    outs = engine.generate(ids, seeds=list(range(len(ids))), temperature=1.0, max_new_tokens=16)
+    expected = len(ids) + sum(len(o.token_ids) - (o.finish_reason == "length") for o in outs)
+    assert engine.stats["row_steps"] == expected
+    assert engine.stats["forward_passes"] == 1 + max(len(o.token_ids) - (o.finish_reason == "length") for o in outs)
+
+
+def test_an_unknown_engine_is_refused_by_name(backends):
+    slow, _, _ = backends
+    with pytest.raises(ValueError, match="backend_options.engine.*'vllm'"):
+        make_backend("transformers", model="unused", model_obj=slow.model, tokenizer_obj=slow.tokenizer, engine="vllm")
