@@ -85,3 +85,26 @@ def test_an_unknown_engine_is_refused_by_name(backends):
     slow, _, _ = backends
     with pytest.raises(ValueError, match="backend_options.engine.*'vllm'"):
         make_backend("transformers", model="unused", model_obj=slow.model, tokenizer_obj=slow.tokenizer, engine="vllm")
+
+
+def test_the_rl_engine_switch_decodes_grpo_rollouts_with_the_engine(backends):
+    """`engine: fast` in an RL stage's params: TRL's rollout_func decodes through the engine (a
+    spy on the real engine counts its calls) and hands TRL the same completions as the default."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from steps.core.engine import FastEngine
+    from steps.core.rl import RLConfig, rollout_func
+
+    slow, _, prompts = backends
+    trainer = SimpleNamespace(processing_class=slow.tokenizer, model=slow.model, state=SimpleNamespace(global_step=3),
+                              accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    texts = [p.text for p in prompts[:4] for _ in range(2)]
+    outs = {}
+    with mock.patch.object(FastEngine, "generate", autospec=True, side_effect=FastEngine.generate) as spy:
+        for engine in ("generate", "fast"):
+            cfg = RLConfig(rewards={"format": {}}, engine=engine, max_completion_length=12)
+            outs[engine] = rollout_func(cfg)(texts, trainer)
+    assert spy.call_count == 1
+    assert outs["fast"]["completion_ids"] == outs["generate"]["completion_ids"]
+    assert outs["fast"]["env_mask"] == outs["generate"]["env_mask"]

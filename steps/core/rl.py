@@ -3,8 +3,9 @@
 An RL stage is its config (a subclass of `RLConfig`), its rewards (steps.core.rewards, by name
 in params) and its rollout (steps.core.rollouts, by protocol name); `train_rl` does the rest:
 
-- **Rollouts** go through TRL's `rollout_func`: the stage's rollout decodes the live policy, and
-  its ownership mask becomes TRL's `env_mask`, so inserted tokens (a teacher's, a routed model's)
+- **Rollouts** go through TRL's `rollout_func`: the stage's rollout decodes the live policy
+  (`engine`: transformers' `model.generate`, or steps.core.engine, whose finished rows leave the
+  batch), and its ownership mask becomes TRL's `env_mask`, so inserted tokens (a teacher's, a routed model's)
   carry no loss and are not counted in `completions/mean_length`; the rewards get `policy_tokens`
   for the same reason. The end-of-sequence token of a finished completion is part of the
   completion (the policy must learn to stop), as in TRL's own generation. A rollout may hand
@@ -63,6 +64,9 @@ class RLConfig:
     loss_type: str = help_field("grpo", "TRL loss type (grpo: per-sequence mean, as in the GRPO paper)")
     temperature: float = help_field(1.0, "rollout sampling temperature", gt=0.0)
     max_completion_length: int = help_field(160, "rollout budget in tokens", ge=1)
+    engine: Literal["generate", "fast"] = help_field(
+        "generate", "rollout decoding: generate (transformers' model.generate) | fast (steps.core.engine: finished "
+                    "rows leave the batch; the same draws)")
     lambda_aux: float = help_field(0.01, "MoE load-balancing loss weight (ignored for dense models)", ge=0.0)
     bf16: bool | None = help_field(None, "None: on GPU only")
     threads: int = help_field(2, "torch CPU threads", ge=1)
@@ -85,7 +89,8 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
         tok = trainer.processing_class
         model = trainer.accelerator.unwrap_model(trainer.model)
         with training.generation_mode(model):
-            backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts))
+            backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts),
+                                          engine=cfg.engine)
             rollout = make_rollout(cfg.protocol, backend, **cfg.protocol_options)
             step = trainer.state.global_step
             # One seed per prompt occurrence: the K copies of a prompt must differ.
