@@ -11,7 +11,10 @@ max_completion_length 160):
 - `trl`: TRL's own generation (GRPOTrainer without a rollout_func: `_generate_single_turn`,
   `model.generate` with TRL's generation config);
 - `trl_cb`: TRL with `use_transformers_continuous_batching` (transformers' `generate_batch`);
-- `fast`: steps.core.engine (`engine: fast`): finished rows leave the batch.
+- `fast`: steps.core.engine (`engine: fast`): finished rows leave the batch;
+- `fast_spec`: the same with speculative decoding (`speculative: {draft_tokens: K, max_batch: M}`),
+  prompt-lookup drafts verified by the policy in one pass (exact: greedy identical, sampled
+  distributed as the policy's); its lines add the mean accepted drafts per row and pass.
 
 The policy is the embedded default's student shape (params.yaml pretrain_demo.student_arch),
 untrained, with the example tokenizer. An untrained model almost never ends a completion, so
@@ -26,7 +29,9 @@ the model's own lengths on the rendered `--data` prompts, no hook.
 
 Prints one JSON line per (profile, engine) and a last line with the ratios (tokens/s of each
 path over `generate` and over `trl`), measured in the same run. Tokens are the generated ones,
-end-of-sequence excluded; seconds the median of `--repeats` after one warm-up.
+end-of-sequence excluded; seconds the median of `--repeats` after one warm-up, wall clock and
+the process's CPU time (`cpu_*`: on a machine shared with other jobs the wall clock also counts
+the time the process waited for a core; with one thread the CPU time does not).
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("generate", "trl", "trl_cb", "fast")
+ENGINES = ("generate", "trl", "trl_cb", "fast", "fast_spec")
 
 
 def length_pmf(profile: str, budget: int) -> list[float]:
@@ -137,9 +142,15 @@ def trl_trainer(model: Any, tok: Any, tmp: Path, args: argparse.Namespace, cb: b
     cfg = GRPOConfig(output_dir=str(tmp / ("trl_cb" if cb else "trl")), per_device_train_batch_size=batch,
                      num_generations=args.k, generation_batch_size=batch, max_completion_length=args.max_new_tokens,
                      temperature=1.0, report_to=[], use_cpu=True, use_transformers_continuous_batching=cb,
+                     # By default its paged cache takes a share of free memory (on a CPU, of the RAM:
+                     # 12 GB seen here); 128 pages of 256 tokens hold the batch's 32 x ~560 tokens.
+                     transformers_continuous_batching_config={"num_blocks": 128, "max_batch_tokens": 16384} if cb else None,
                      logging_steps=1, save_strategy="no")
     return GRPOTrainer(model=model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)], args=cfg,
                        train_dataset=Dataset.from_list([{"prompt": "x"}]), processing_class=tok)
+
+
+STATS: dict[str, int] = {}  # the engine's counters, summed over the timed runs
 
 
 def runner(engine: str, model: Any, tok: Any, tmp: Path, args: argparse.Namespace):
@@ -147,14 +158,17 @@ def runner(engine: str, model: Any, tok: Any, tmp: Path, args: argparse.Namespac
     from steps.core.backends import SamplingParams, TransformersBackend
     from steps.core.prompts import Prompt
 
-    if engine in ("generate", "fast"):
+    if engine in ("generate", "fast", "fast_spec"):
+        spec = {"draft_tokens": args.draft_tokens, "max_batch": args.spec_max_batch} if engine == "fast_spec" else None
         backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=args.prompts * args.k,
-                                      engine=engine)
+                                      engine=engine.removesuffix("_spec"), speculative=spec)
 
         def run(texts: list[str], seed: int) -> list[int]:
             ps = [Prompt(messages=(), text=t, key=f"{seed}/{i}") for i, t in enumerate(texts)]
             outs = backend.generate(ps, SamplingParams(n=1, temperature=1.0, max_new_tokens=args.max_new_tokens,
                                                        seed=seed))
+            for key, v in getattr(backend, "last_stats", {}).items():
+                STATS[key] = STATS.get(key, 0) + v
             return [cs[0].completion_tokens for cs in outs]
         return run
     trainer = trl_trainer(model, tok, tmp, args, cb=engine == "trl_cb")
@@ -179,6 +193,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profiles", default="default,long_tail")
     ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--draft-tokens", type=int, default=4, help="fast_spec: tokens proposed per verification")
+    ap.add_argument("--spec-max-batch", type=int, default=32, help="fast_spec: speculate while at most this many rows run")
     ap.add_argument("--model", help="a trained policy directory (then the profile is its own: `trained`)")
     ap.add_argument("--data", help="with --model: a JSONL of example rows (data/ingest/train.jsonl)")
     args = ap.parse_args()
@@ -208,33 +224,43 @@ def main() -> None:
                     run = runner(engine, model, tok, tmp, args)
                     model.eval()
                     run(texts[: args.k], seed=999)  # warm-up
-                    times, lengths = [], []
+                    STATS.clear()
+                    times, cpu, lengths = [], [], []
                     for r in range(args.repeats):
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         lens = run(texts, seed=r)
                         times.append(time.perf_counter() - t0)
+                        cpu.append(time.process_time() - c0)
                         lengths.extend(lens)
                 except Exception as e:  # a path that does not run here is reported, not hidden
                     line = {"profile": profile, "engine": engine, "error": f"{type(e).__name__}: {e}"[:400]}
                     print(json.dumps(line), flush=True)
                     continue
-                sec = statistics.median(times)
+                sec, cpu_sec = statistics.median(times), statistics.median(cpu)
                 tokens = sum(lengths) / args.repeats
                 lengths.sort()
                 line = {"profile": profile, "engine": engine, "rows": len(texts), "tokens_per_s": round(tokens / sec, 1),
+                        "cpu_tokens_per_s": round(tokens / cpu_sec, 1),
                         "seconds_median": round(sec, 3), "seconds": [round(t, 3) for t in times],
+                        "cpu_seconds": [round(t, 3) for t in cpu],
                         "tokens_per_run": tokens, "length_mean": round(statistics.mean(lengths), 1),
                         "length_p50": lengths[len(lengths) // 2], "length_p90": lengths[int(len(lengths) * 0.9)],
                         "length_max": lengths[-1], "length_min": lengths[0]}
+                if engine == "fast_spec" and STATS.get("verify_row_passes"):
+                    line.update(accepted_per_row_pass=round(STATS["accepted"] / STATS["verify_row_passes"], 3),
+                                forward_passes_per_run=STATS["forward_passes"] / args.repeats,
+                                draft_tokens=args.draft_tokens, spec_max_batch=args.spec_max_batch)
                 results.setdefault(profile, {})[engine] = line
                 print(json.dumps(line), flush=True)
-    ratios = {}
+    ratios, cpu_ratios = {}, {}
     for profile, by in results.items():
         for engine, line in by.items():
             for base in ("generate", "trl"):
                 if base in by and engine != base:
                     ratios[f"{profile}/{engine}_vs_{base}"] = round(line["tokens_per_s"] / by[base]["tokens_per_s"], 2)
-    print(json.dumps({"ratios_tokens_per_s": ratios, "threads": args.threads, "repeats": args.repeats,
+                    cpu_ratios[f"{profile}/{engine}_vs_{base}"] = round(
+                        line["cpu_tokens_per_s"] / by[base]["cpu_tokens_per_s"], 2)
+    print(json.dumps({"ratios_tokens_per_s": ratios, "ratios_cpu_tokens_per_s": cpu_ratios, "threads": args.threads, "repeats": args.repeats,
                       "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()}))
 
 

@@ -104,11 +104,17 @@ class TransformersBackend:
 
     def __init__(self, model: str, batch_size: int = 64, dtype: str = "float32", device: str = "auto",
                  model_obj: Any = None, tokenizer_obj: Any = None, threads: int | None = None,
-                 engine: str = "generate"):
+                 engine: str = "generate", speculative: dict | None = None):
         if engine not in ENGINES:
             raise ValueError(f"backend_options.engine: unknown engine {engine!r}; known: {list(ENGINES)}")
+        if speculative and engine != "fast":
+            raise ValueError("backend_options.speculative: speculative decoding needs engine: fast")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from steps.core.engine import SpecConfig
+
+        self.speculative = SpecConfig.from_options(speculative, "backend_options.speculative")
 
         if threads:
             torch.set_num_threads(threads)
@@ -186,8 +192,9 @@ class TransformersBackend:
     def _fast(self, rows: list[list[int]], seeds: list[int], sampling: SamplingParams) -> list[tuple[list[int], bool]]:
         from steps.core.engine import FastEngine
 
-        engine = FastEngine(self.model, self._eos_ids(), self.tokenizer.pad_token_id)
+        engine = FastEngine(self.model, self._eos_ids(), self.tokenizer.pad_token_id, self.speculative)
         outs = engine.generate(rows, seeds, sampling.temperature, sampling.top_p, sampling.max_new_tokens)
+        self.last_stats = dict(engine.stats)
         return [(list(o.token_ids), o.finish_reason == "stop") for o in outs]
 
     def _eos_ids(self) -> list[int]:
@@ -201,6 +208,7 @@ class TransformersBackend:
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B9
+_STREAM32 = 0x5BD1E995
 
 
 def _mix32(x: Any) -> Any:
@@ -227,16 +235,40 @@ class RowSampler:
         self.keys = _mix32(torch.tensor(list(seeds), dtype=torch.int64, device=device) & _MASK32)
         self.temperature, self.top_p, self.prompt_len = temperature, top_p, prompt_len
 
-    def uniforms(self, step: int) -> Any:
-        """(R,) float32 in (0, 1): row r's draw at generated position `step`."""
-        bits = _mix32((self.keys + step * _GOLDEN32) & _MASK32)
+    def uniforms(self, step: Any, stream: int = 0) -> Any:
+        """(R,) float32 in (0, 1): row r's draw at generated position `step` (an int, or an (R,)
+        tensor when rows are at different positions). `stream` 1 is a second, independent stream
+        (speculative decoding's accept tests; 0 is the one every token is drawn from)."""
+        keys = _mix32((self.keys ^ _STREAM32) & _MASK32) if stream else self.keys
+        bits = _mix32((keys + step * _GOLDEN32) & _MASK32)
         return ((bits.double() + 0.5) / 2.0 ** 32).float()
+
+    def probs(self, scores: Any) -> Any:
+        """(R, V) the distribution a row draws from: softmax at the temperature, then top_p."""
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+            sorted_p = sorted_p * ((sorted_p.cumsum(-1) - sorted_p) < self.top_p)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        return probs / probs.sum(-1, keepdim=True)
+
+    @staticmethod
+    def inverse_cdf(probs: Any, u: Any) -> Any:
+        """(R,) a token per row from (R, V) non-negative weights and (R,) uniforms."""
+        import torch
+
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
+        last = cdf.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)
+        return torch.minimum(pick, last).squeeze(1)
 
     def select(self, rows: Any) -> None:
         """Keep only these rows' streams (the fast engine drops finished rows from its batch)."""
         self.keys = self.keys[rows]
 
-    def draw(self, scores: Any, step: int) -> Any:
+    def draw(self, scores: Any, step: Any) -> Any:
         """(R,) the token each row draws from `scores` (R, V) at generated position `step`."""
         import torch
 

@@ -67,6 +67,9 @@ class RLConfig:
     engine: Literal["generate", "fast"] = help_field(
         "generate", "rollout decoding: generate (transformers' model.generate) | fast (steps.core.engine: finished "
                     "rows leave the batch; the same draws)")
+    speculative: dict = field(default_factory=dict, metadata={
+        "help": "engine fast: speculative decoding in the batch's tail, e.g. {draft_tokens: 4, max_batch: 4} "
+                "(steps.core.engine.SpecConfig; empty: off)"})
     lambda_aux: float = help_field(0.01, "MoE load-balancing loss weight (ignored for dense models)", ge=0.0)
     bf16: bool | None = help_field(None, "None: on GPU only")
     threads: int = help_field(2, "torch CPU threads", ge=1)
@@ -75,6 +78,12 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         check_spec(self.rewards, "rewards")
+        if self.speculative:
+            from steps.core.engine import SpecConfig
+
+            if self.engine != "fast":
+                raise ValueError("speculative: speculative decoding needs engine: fast")
+            SpecConfig.from_options(self.speculative, "speculative")
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed")
 
@@ -90,7 +99,7 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
         model = trainer.accelerator.unwrap_model(trainer.model)
         with training.generation_mode(model):
             backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts),
-                                          engine=cfg.engine)
+                                          engine=cfg.engine, speculative=cfg.speculative or None)
             rollout = make_rollout(cfg.protocol, backend, **cfg.protocol_options)
             step = trainer.state.global_step
             # One seed per prompt occurrence: the K copies of a prompt must differ.
