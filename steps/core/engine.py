@@ -19,6 +19,13 @@ outputs are token-identical to `model.generate`'s and sampled ones identical up 
 in the logits (a batch of another size may sum in another order); tests/test_engine.py checks
 both.
 
+Speculative decoding (`speculative: {draft_tokens, max_batch, ngram}`; off when empty): while at
+most `max_batch` rows run (the tail), a prompt-lookup drafter proposes tokens and the policy
+verifies them in one pass, exactly (`_Run._verify`). Greedy output stays token-identical to the
+policy's own; sampled output is distributed as the policy's (the draws differ from the plain
+engine's: an accept test uses a second stream). The draft depth is fixed; a trained drafter and
+a rule that picks the depth (the reference's bandit) are not built yet.
+
 The back ends select it with `engine: fast` (steps.core.backends.TransformersBackend) and the
 RL stages with `engine: fast` in their params section (steps.core.rl.RLConfig).
 """
@@ -301,8 +308,6 @@ class _Run:
     def _drop_dead_columns(self) -> None:
         """Cut the cache columns masked in every running row (a gone row's prompt padding,
         rejected drafts): attention over them is masked anyway, so this only saves work."""
-        import torch
-
         live = self.mask.any(0)  # (T,)
         if bool(live.all()) or any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
             return  # a sliding window's cache is not aligned with the mask's columns
