@@ -113,7 +113,7 @@ def test_the_rl_engine_switch_decodes_grpo_rollouts_with_the_engine(backends):
 
 # --- Speculative decoding (prompt-lookup drafts, verified in one pass) ---------------------------
 
-SPEC = {"draft_tokens": 3, "max_batch": 64, "ngram": 2}
+SPEC = {"draft_tokens": 3, "max_batch": 64, "ngram": 2, "min_accept": 0.0}  # always speculate
 
 
 def test_speculative_greedy_is_token_identical_and_drafts_were_both_kept_and_rejected(backends):
@@ -124,6 +124,12 @@ def test_speculative_greedy_is_token_identical_and_drafts_were_both_kept_and_rej
     assert _flat(spec.generate(prompts, sampling)) == _flat(slow.generate(prompts, sampling))
     st = spec.last_stats
     assert st["verify_passes"] > 0 and 0 < st["accepted"] < st["drafted"]
+    # An untrained model's drafts are mostly rejected: with a floor on the kept drafts per
+    # pass, speculation pauses (plain steps) and the output is still the same.
+    floor = make_backend("transformers", model="unused", model_obj=slow.model, tokenizer_obj=slow.tokenizer,
+                         batch_size=64, engine="fast", speculative={**SPEC, "min_accept": 0.9, "backoff_steps": 8})
+    assert _flat(floor.generate(prompts, sampling)) == _flat(slow.generate(prompts, sampling))
+    assert 0 < floor.last_stats["verify_passes"] < st["verify_passes"]
 
 
 def test_speculative_options_are_checked_by_name(backends):
@@ -155,7 +161,7 @@ def test_speculative_sampling_follows_the_policys_distribution(temperature, top_
     cfg = Qwen3Config(vocab_size=V, pad_token_id=0, eos_token_id=None, bos_token_id=None, initializer_range=0.6,
                       **{k: v for k, v in TINY_DENSE.items() if k != "type"})
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    engine = FastEngine(model, eos_ids=[], pad_id=0, speculative=SpecConfig(draft_tokens=2, max_batch=n, ngram=2))
+    engine = FastEngine(model, eos_ids=[], pad_id=0, speculative=SpecConfig(draft_tokens=2, max_batch=n, ngram=2, min_accept=0.0))
     outs = engine.generate([prompt] * n, seeds=list(range(n)), temperature=temperature, top_p=top_p, max_new_tokens=3)
     assert engine.stats["verify_passes"] > 0 and 0 < engine.stats["accepted"] < engine.stats["drafted"]
     counts = collections.Counter(o.token_ids for o in outs)

@@ -50,11 +50,17 @@ class SpecConfig:
     draft_tokens: int = 4  # tokens proposed per verification pass
     max_batch: int = 32  # speculate only while at most this many rows are running
     ngram: int = 3  # prompt_lookup: the longest suffix looked up in the row's own context
+    # A verification pass costs more than a plain step: when the drafts kept per row and pass
+    # (a running mean) fall below this, speculation pauses for `backoff_steps` plain steps.
+    min_accept: float = 0.3
+    backoff_steps: int = 16
 
     def __post_init__(self) -> None:
+        if not isinstance(self.min_accept, (int, float)) or self.min_accept < 0:
+            raise ValueError(f"speculative.min_accept: expected a number >= 0, got {self.min_accept!r}")
         if self.drafter != "prompt_lookup":
             raise ValueError(f"speculative.drafter: unknown drafter {self.drafter!r}; known: ['prompt_lookup']")
-        for key in ("draft_tokens", "max_batch", "ngram"):
+        for key in ("draft_tokens", "max_batch", "ngram", "backoff_steps"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"speculative.{key}: expected an integer >= 1, got {getattr(self, key)!r}")
 
@@ -168,6 +174,8 @@ class _Run:
         self.gen: list[list[int]] = [[] for _ in range(n)]
         self.finish: list[str] = ["length"] * n
         self.drafter = PromptLookup(engine.spec.ngram) if engine.spec else None
+        self.accept_mean = None  # running mean of drafts kept per row and verification pass
+        self.pause = 0  # plain steps left before speculation is tried again
         if self.drafter:
             for r, p in enumerate(prompts):
                 self.drafter.add(r, p)
@@ -185,7 +193,8 @@ class _Run:
         self.tok = self._draw(logits)
         self._advance([[t] for t in self.tok.tolist()])
         while self.alive:
-            spec = e.spec is not None and len(self.alive) <= e.spec.max_batch
+            spec = e.spec is not None and len(self.alive) <= e.spec.max_batch and self.pause == 0
+            self.pause = max(0, self.pause - 1)
             drafts = self._drafts() if spec else None
             if drafts and any(drafts):
                 self._verify(drafts)
@@ -262,6 +271,10 @@ class _Run:
         e.stats["verify_row_passes"] += b
         e.stats["drafted"] += sum(len(d) for d in drafts)
         e.stats["accepted"] += sum(accepted)
+        rate = sum(accepted) / b
+        self.accept_mean = rate if self.accept_mean is None else 0.7 * self.accept_mean + 0.3 * rate
+        if self.accept_mean < e.spec.min_accept:
+            self.pause, self.accept_mean = e.spec.backoff_steps, None
         # Fed columns beyond the last token and the kept drafts hold rejected (or padding)
         # tokens: masked from now on, and cut from the cache once no row needs the column.
         a = torch.tensor(accepted, device=self.dev)
