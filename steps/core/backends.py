@@ -92,15 +92,29 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+ENGINES = ("generate", "fast")
+
+
 class TransformersBackend:
-    """In-process `model.generate`, batched, shortest prompts together to save padding."""
+    """In-process decoding, batched, shortest prompts together to save padding. `engine`:
+    `generate` (transformers' `model.generate`) or `fast` (steps.core.engine: finished rows
+    leave the batch; the same draws, so the same completions up to float noise)."""
 
     name = "transformers"
 
     def __init__(self, model: str, batch_size: int = 64, dtype: str = "float32", device: str = "auto",
-                 model_obj: Any = None, tokenizer_obj: Any = None, threads: int | None = None):
+                 model_obj: Any = None, tokenizer_obj: Any = None, threads: int | None = None,
+                 engine: str = "generate", speculative: dict | None = None):
+        if engine not in ENGINES:
+            raise ValueError(f"backend_options.engine: unknown engine {engine!r}; known: {list(ENGINES)}")
+        if speculative and engine != "fast":
+            raise ValueError("backend_options.speculative: speculative decoding needs engine: fast")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from steps.core.engine import SpecConfig
+
+        self.speculative = SpecConfig.from_options(speculative, "backend_options.speculative")
 
         if threads:
             torch.set_num_threads(threads)
@@ -117,10 +131,9 @@ class TransformersBackend:
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.model_name = model
+        self.engine = engine
 
     def generate(self, prompts, sampling, on_batch=None):
-        import torch
-
         tok = self.tokenizer
         encoded = [tok(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -130,40 +143,59 @@ class TransformersBackend:
         for start in range(0, len(order), per_batch):
             idx = order[start:start + per_batch]
             # Each prompt repeated n times (rows b*n .. b*n+n-1), as num_return_sequences would:
-            # transformers allows that option with sampling only, and the draws here are ours.
-            batch = tok.pad({"input_ids": [encoded[i] for i in idx for _ in range(sampling.n)]},
-                            return_tensors="pt").to(self.device)
-            # Greedy decoding over scores that RowSampler has already reduced to one token per
-            # row: the draw for (prompt, sample j) comes from that row's own random stream, so it
-            # does not depend on which prompts share the batch (model.generate's sampling draws
-            # from one global generator across the whole batch).
+            # transformers allows that option with sampling only, and the draws here are ours:
+            # the draw for (prompt, sample j) comes from that row's own random stream
+            # (RowSampler), so it does not depend on which prompts share the batch.
+            rows = [encoded[i] for i in idx for _ in range(sampling.n)]
             seeds = [derive_seed(sampling.seed, prompts[i].key, j) for i in idx for j in range(sampling.n)]
-            sampler = (RowSampler(seeds, sampling.temperature, sampling.top_p, batch["input_ids"].shape[1],
-                                  self.device) if sampling.temperature > 0 else None)
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = self.model.generate(
-                    **batch, do_sample=False, max_new_tokens=sampling.max_new_tokens,
-                    temperature=None, top_p=None, top_k=None,
-                    logits_processor=[sampler] if sampler else None,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=list(eos_ids))
+            gen = (self._fast(rows, seeds, sampling) if self.engine == "fast"
+                   else self._generate(rows, seeds, sampling, eos_ids))  # B*n (ids, stopped)
             elapsed = time.perf_counter() - t0
-            gen = out[:, batch["input_ids"].shape[1]:].tolist()  # (B*n, T_new)
             for b, i in enumerate(idx):
                 comps = []
                 for j in range(sampling.n):
-                    ids = gen[b * sampling.n + j]
-                    stop = next((k for k, t in enumerate(ids) if t in eos_ids), None)
-                    kept = ids if stop is None else ids[:stop]
+                    kept, stopped = gen[b * sampling.n + j]
                     comps.append(Completion(
                         text=tok.decode(kept, skip_special_tokens=True).strip(),
-                        completion_tokens=len(kept), finish_reason="length" if stop is None else "stop",
+                        completion_tokens=len(kept), finish_reason="stop" if stopped else "length",
                         prompt_tokens=len(encoded[i]), latency_s=elapsed / len(idx), token_ids=tuple(kept)))
                 results[i] = comps
             if on_batch:
                 on_batch(idx, [results[i] for i in idx])
         return results
+
+    def _generate(self, rows: list[list[int]], seeds: list[int], sampling: SamplingParams,
+                  eos_ids: set[int]) -> list[tuple[list[int], bool]]:
+        """model.generate: greedy decoding over scores that RowSampler has already reduced to
+        one token per row (model.generate's own sampling draws from one global generator
+        across the whole batch)."""
+        import torch
+
+        tok = self.tokenizer
+        batch = tok.pad({"input_ids": rows}, return_tensors="pt").to(self.device)
+        sampler = (RowSampler(seeds, sampling.temperature, sampling.top_p, batch["input_ids"].shape[1], self.device)
+                   if sampling.temperature > 0 else None)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **batch, do_sample=False, max_new_tokens=sampling.max_new_tokens,
+                temperature=None, top_p=None, top_k=None,
+                logits_processor=[sampler] if sampler else None,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=list(eos_ids))
+        results = []
+        for ids in out[:, batch["input_ids"].shape[1]:].tolist():  # (B*n, T_new), padded after a stop
+            stop = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+            results.append((ids, False) if stop is None else (ids[:stop], True))
+        return results
+
+    def _fast(self, rows: list[list[int]], seeds: list[int], sampling: SamplingParams) -> list[tuple[list[int], bool]]:
+        from steps.core.engine import FastEngine
+
+        engine = FastEngine(self.model, self._eos_ids(), self.tokenizer.pad_token_id, self.speculative)
+        outs = engine.generate(rows, seeds, sampling.temperature, sampling.top_p, sampling.max_new_tokens)
+        self.last_stats = dict(engine.stats)
+        return [(list(o.token_ids), o.finish_reason == "stop") for o in outs]
 
     def _eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
@@ -176,6 +208,7 @@ class TransformersBackend:
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B9
+_STREAM32 = 0x5BD1E995
 
 
 def _mix32(x: Any) -> Any:
@@ -202,15 +235,44 @@ class RowSampler:
         self.keys = _mix32(torch.tensor(list(seeds), dtype=torch.int64, device=device) & _MASK32)
         self.temperature, self.top_p, self.prompt_len = temperature, top_p, prompt_len
 
-    def uniforms(self, step: int) -> Any:
-        """(R,) float32 in (0, 1): row r's draw at generated position `step`."""
-        bits = _mix32((self.keys + step * _GOLDEN32) & _MASK32)
+    def uniforms(self, step: Any, stream: int = 0) -> Any:
+        """(R,) float32 in (0, 1): row r's draw at generated position `step` (an int, or an (R,)
+        tensor when rows are at different positions). `stream` 1 is a second, independent stream
+        (speculative decoding's accept tests; 0 is the one every token is drawn from)."""
+        keys = _mix32((self.keys ^ _STREAM32) & _MASK32) if stream else self.keys
+        bits = _mix32((keys + step * _GOLDEN32) & _MASK32)
         return ((bits.double() + 0.5) / 2.0 ** 32).float()
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
+    def probs(self, scores: Any) -> Any:
+        """(R, V) the distribution a row draws from: softmax at the temperature, then top_p."""
         import torch
 
-        u = self.uniforms(input_ids.shape[1] - self.prompt_len)  # (R,)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+            sorted_p = sorted_p * ((sorted_p.cumsum(-1) - sorted_p) < self.top_p)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        return probs / probs.sum(-1, keepdim=True)
+
+    @staticmethod
+    def inverse_cdf(probs: Any, u: Any) -> Any:
+        """(R,) a token per row from (R, V) non-negative weights and (R,) uniforms."""
+        import torch
+
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
+        last = cdf.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)
+        return torch.minimum(pick, last).squeeze(1)
+
+    def select(self, rows: Any) -> None:
+        """Keep only these rows' streams (the fast engine drops finished rows from its batch)."""
+        self.keys = self.keys[rows]
+
+    def draw(self, scores: Any, step: Any) -> Any:
+        """(R,) the token each row draws from `scores` (R, V) at generated position `step`."""
+        import torch
+
+        u = self.uniforms(step)  # (R,)
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (R, V)
         if self.top_p < 1.0:
             probs, order = probs.sort(dim=-1, descending=True, stable=True)
@@ -224,5 +286,11 @@ class RowSampler:
         pick = torch.minimum(pick, last)
         if self.top_p < 1.0:
             pick = order.gather(1, pick)
+        return pick.squeeze(1)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        pick = self.draw(scores, input_ids.shape[1] - self.prompt_len)
         out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, pick, 0.0)
+        return out.scatter_(1, pick.unsqueeze(1), 0.0)

@@ -3,8 +3,9 @@
 An RL stage is its config (a subclass of `RLConfig`), its rewards (steps.core.rewards, by name
 in params) and its rollout (steps.core.rollouts, by protocol name); `train_rl` does the rest:
 
-- **Rollouts** go through TRL's `rollout_func`: the stage's rollout decodes the live policy, and
-  its ownership mask becomes TRL's `env_mask`, so inserted tokens (a teacher's, a routed model's)
+- **Rollouts** go through TRL's `rollout_func`: the stage's rollout decodes the live policy
+  (`engine`: transformers' `model.generate`, or steps.core.engine, whose finished rows leave the
+  batch), and its ownership mask becomes TRL's `env_mask`, so inserted tokens (a teacher's, a routed model's)
   carry no loss and are not counted in `completions/mean_length`; the rewards get `policy_tokens`
   for the same reason. The end-of-sequence token of a finished completion is part of the
   completion (the policy must learn to stop), as in TRL's own generation. A rollout may hand
@@ -92,6 +93,12 @@ class RLConfig:
     loss_type: str = help_field("grpo", "TRL loss type (grpo: per-sequence mean, as in the GRPO paper)")
     temperature: float = help_field(1.0, "rollout sampling temperature", gt=0.0)
     max_completion_length: int = help_field(160, "rollout budget in tokens", ge=1)
+    engine: Literal["generate", "fast"] = help_field(
+        "generate", "rollout decoding: generate (transformers' model.generate) | fast (steps.core.engine: finished "
+                    "rows leave the batch; the same draws)")
+    speculative: dict = field(default_factory=dict, metadata={
+        "help": "engine fast: speculative decoding in the batch's tail, e.g. {draft_tokens: 4, max_batch: 4} "
+                "(steps.core.engine.SpecConfig; empty: off)"})
     lambda_aux: float = help_field(0.01, "MoE load-balancing loss weight (ignored for dense models)", ge=0.0)
     bf16: bool | None = help_field(None, "None: on GPU only")
     threads: int = help_field(2, "torch CPU threads", ge=1)
@@ -107,6 +114,12 @@ class RLConfig:
     def __post_init__(self) -> None:
         launch.parse(self.launcher)
         check_spec(self.rewards, "rewards")
+        if self.speculative:
+            from steps.core.engine import SpecConfig
+
+            if self.engine != "fast":
+                raise ValueError("speculative: speculative decoding needs engine: fast")
+            SpecConfig.from_options(self.speculative, "speculative")
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed")
         server = self.vllm_server  # unknown keys and bad values fail here, with the key's name
@@ -233,7 +246,8 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
             if getattr(trainer, "use_vllm", False):  # server mode: TRL has just pushed the live weights there
                 backend = TRLServerBackend(getattr(trainer.vllm_generation, "vllm_client", None), tok, acc)
             else:
-                backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts))
+                backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts),
+                                              engine=cfg.engine, speculative=cfg.speculative or None)
             rollout = make_rollout(cfg.protocol, backend, **cfg.protocol_options)
             step = trainer.state.global_step
             # One seed per prompt occurrence: the K copies of a prompt must differ. The index is

@@ -1,0 +1,331 @@
+"""The fast rollout engine: batched decoding with a KV cache that drops finished rows.
+
+    engine = FastEngine(model, eos_ids=[2], pad_id=0)
+    outs = engine.generate([[5, 6, 7], [8, 9]], seeds=[11, 12], temperature=1.0, top_p=1.0, max_new_tokens=64)
+    outs[i].token_ids, outs[i].finish_reason          # end-of-sequence excluded, "stop" | "length"
+
+`model.generate` keeps every row of a batch in every forward pass until the longest one ends:
+a row that has emitted end-of-sequence goes on being decoded (and padded) while the tail runs,
+and in reinforcement learning the length distribution has a long tail. Here a row that ends
+leaves the batch at once: its slice of the KV cache (transformers' `DynamicCache`), of the
+attention mask and of the positions is dropped, and so are the leading cache columns that were
+left padding of prompts no longer in the batch, so the tail runs at its own batch size and its
+own length. Nothing else is changed: the same model forward, the same positions (the count of
+real tokens before each one, as `model.generate` derives them from the mask), and the same
+draws: a sampled token comes from `RowSampler` (steps.core.backends), the uniform number for a
+row at generated position t being a hash of (the row's seed, t), so a completion does not
+depend on its batch, on which rows left before it, or on which engine decoded it. Greedy
+outputs are token-identical to `model.generate`'s and sampled ones identical up to float noise
+in the logits (a batch of another size may sum in another order); tests/test_engine.py checks
+both.
+
+Speculative decoding (`speculative: {draft_tokens, max_batch, ngram}`; off when empty): while at
+most `max_batch` rows run (the tail), a prompt-lookup drafter proposes tokens and the policy
+verifies them in one pass, exactly (`_Run._verify`). Greedy output stays token-identical to the
+policy's own; sampled output is distributed as the policy's (the draws differ from the plain
+engine's: an accept test uses a second stream). The draft depth is fixed; a trained drafter and
+a rule that picks the depth (the reference's bandit) are not built yet.
+
+The back ends select it with `engine: fast` (steps.core.backends.TransformersBackend) and the
+RL stages with `engine: fast` in their params section (steps.core.rl.RLConfig).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Generated:
+    token_ids: tuple[int, ...]  # end-of-sequence excluded
+    finish_reason: Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding in the tail of a batch (`speculative:` in the back end's options or an
+    RL stage's params; empty: off)."""
+    drafter: Literal["prompt_lookup"] = "prompt_lookup"
+    draft_tokens: int = 4  # tokens proposed per verification pass
+    max_batch: int = 32  # speculate only while at most this many rows are running
+    ngram: int = 3  # prompt_lookup: the longest suffix looked up in the row's own context
+    # A verification pass costs more than a plain step: when the drafts kept per row and pass
+    # (a running mean) fall below this, speculation pauses for `backoff_steps` plain steps.
+    min_accept: float = 0.3
+    backoff_steps: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_accept, (int, float)) or self.min_accept < 0:
+            raise ValueError(f"speculative.min_accept: expected a number >= 0, got {self.min_accept!r}")
+        if self.drafter != "prompt_lookup":
+            raise ValueError(f"speculative.drafter: unknown drafter {self.drafter!r}; known: ['prompt_lookup']")
+        for key in ("draft_tokens", "max_batch", "ngram", "backoff_steps"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"speculative.{key}: expected an integer >= 1, got {getattr(self, key)!r}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None, where: str = "speculative") -> SpecConfig | None:
+        """The config from a params mapping (empty or None: speculation off); errors name `where`."""
+        if not options:
+            return None
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        try:
+            return cls(**options)
+        except ValueError as e:
+            raise ValueError(f"{where}.{str(e).removeprefix('speculative.')}") from None
+
+
+class PromptLookup:
+    """A drafter with no model: the tokens that followed the latest earlier occurrence of the
+    row's last n tokens (n = ngram .. 1) in its own prompt and completion. Completions here copy
+    document sentences from the prompt and repeat their own phrases, so this proposes well at no
+    cost; an index of every n-gram's latest successor keeps a lookup O(1)."""
+
+    def __init__(self, ngram: int):
+        self.ngram = ngram
+        self.ctx: dict[int, list[int]] = {}
+        self.index: dict[int, dict[tuple[int, ...], int]] = {}
+
+    def add(self, row: int, tokens: Sequence[int]) -> None:
+        ctx, index = self.ctx.setdefault(row, []), self.index.setdefault(row, {})
+        for t in tokens:
+            ctx.append(t)
+            end = len(ctx) - 1  # ctx[end] now follows each n-gram that ends just before it
+            for n in range(1, self.ngram + 1):
+                if end - n >= 0:
+                    index[tuple(ctx[end - n:end])] = end
+
+    def propose(self, row: int, k: int) -> list[int]:
+        ctx, index = self.ctx[row], self.index[row]
+        for n in range(min(self.ngram, len(ctx)), 0, -1):
+            at = index.get(tuple(ctx[-n:]))
+            if at is not None:
+                return ctx[at:at + k]
+        return []
+
+    def drop(self, row: int) -> None:
+        self.ctx.pop(row, None)
+        self.index.pop(row, None)
+
+
+class FastEngine:
+    """Decodes a batch of token-id prompts on `model` (a transformers causal LM, left as it is)."""
+
+    def __init__(self, model: Any, eos_ids: Sequence[int], pad_id: int, speculative: SpecConfig | None = None):
+        self.model = model
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.pad_id = int(pad_id)
+        self.spec = speculative
+        # row_steps: rows decoded, summed over passes; drafted / accepted: draft tokens proposed
+        # and kept over verification passes (mean accepted per pass = accepted / verify_row_passes)
+        self.stats = {"forward_passes": 0, "row_steps": 0, "verify_passes": 0, "verify_row_passes": 0,
+                      "drafted": 0, "accepted": 0}
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], temperature: float,
+                 top_p: float = 1.0, max_new_tokens: int = 128) -> list[Generated]:
+        import torch
+
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: one seed per prompt row")
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("an empty prompt: every row needs at least one token")
+        with torch.inference_mode():
+            return _Run(self, prompts, seeds, temperature, top_p, max_new_tokens).decode()
+
+    def forward(self, ids: Any, mask: Any, pos: Any, cache: Any, keep: int = 1) -> Any:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=keep)
+        self.stats["forward_passes"] += 1
+        self.stats["row_steps"] += ids.shape[0]
+        return out.logits[:, -keep:, :].float()  # (b, keep, V), as model.generate hands scores to its processors
+
+
+class _Run:
+    """One `generate` call's state: the running rows (`alive`, original indices), their cache,
+    mask and next positions, each row's output, and the token each row drew last (emitted, not
+    yet fed to the model)."""
+
+    def __init__(self, engine: FastEngine, prompts, seeds, temperature, top_p, max_new_tokens):
+        import torch
+
+        from steps.core.backends import RowSampler
+
+        self.e, self.max_new = engine, max_new_tokens
+        self.dev = dev = engine.device
+        n = len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((n, width), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        self.ids, self.mask = ids.to(dev), mask.to(dev)
+        self.sampler = RowSampler(seeds, temperature, top_p, 0, dev) if temperature > 0 else None
+        self.alive = list(range(n))
+        self.gen: list[list[int]] = [[] for _ in range(n)]
+        self.finish: list[str] = ["length"] * n
+        self.drafter = PromptLookup(engine.spec.ngram) if engine.spec else None
+        self.accept_mean = None  # running mean of drafts kept per row and verification pass
+        self.pause = 0  # plain steps left before speculation is tried again
+        if self.drafter:
+            for r, p in enumerate(prompts):
+                self.drafter.add(r, p)
+
+    def decode(self) -> list[Generated]:
+        import torch
+        from transformers import DynamicCache
+
+        e = self.e
+        # Positions as model.generate derives them: real tokens counted from 0, padding at 1.
+        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)  # (B, T)
+        self.cache = DynamicCache(config=e.model.config)
+        logits = e.forward(self.ids, self.mask, pos, self.cache)[:, -1]  # (B, V)
+        self.nxt = pos[:, -1] + 1  # (B,) the next fed token's position
+        self.tok = self._draw(logits)
+        self._advance([[t] for t in self.tok.tolist()])
+        while self.alive:
+            spec = e.spec is not None and len(self.alive) <= e.spec.max_batch and self.pause == 0
+            self.pause = max(0, self.pause - 1)
+            drafts = self._drafts() if spec else None
+            if drafts and any(drafts):
+                self._verify(drafts)
+                continue
+            self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.alive), 1))], dim=1)
+            logits = e.forward(self.tok.unsqueeze(1), self.mask, self.nxt.unsqueeze(1), self.cache)[:, -1]
+            self.nxt = self.nxt + 1
+            self.tok = self._draw(logits)
+            self._advance([[t] for t in self.tok.tolist()])
+        return [Generated(tuple(g), f) for g, f in zip(self.gen, self.finish)]  # type: ignore[arg-type]
+
+    def _steps(self) -> Any:
+        """(b,) each running row's generated position (the index of its next token)."""
+        import torch
+
+        return torch.tensor([len(self.gen[r]) for r in self.alive], device=self.dev)
+
+    def _draw(self, logits: Any) -> Any:
+        return self.sampler.draw(logits, self._steps()) if self.sampler else logits.argmax(-1)  # (b,)
+
+    def _drafts(self) -> list[list[int]]:
+        # A row needs room for the drafts and the one token its verification adds.
+        return [self.drafter.propose(r, min(self.e.spec.draft_tokens, self.max_new - len(self.gen[r]) - 1))
+                for r in self.alive]
+
+    def _verify(self, drafts: list[list[int]]) -> None:
+        """One pass over each row's last token and its drafts; each row keeps the drafts the
+        policy agrees with and one token of the policy's own (the correction, or a bonus when all
+        were kept). Greedy: a draft is kept while it is the argmax. Sampling (speculative sampling
+        with a one-token proposal q = delta(d)): d is kept with probability p(d), and on its
+        rejection the token is drawn from p with d removed, renormalised: the residual
+        (p - q)+ — so each token is distributed as p exactly."""
+        import torch
+
+        e, b = self.e, len(self.alive)
+        k = max(len(d) for d in drafts)
+        block = torch.full((b, k + 1), e.pad_id, dtype=torch.long, device=self.dev)
+        block[:, 0] = self.tok
+        for i, d in enumerate(drafts):
+            if d:
+                block[i, 1:1 + len(d)] = torch.tensor(d, device=self.dev)
+        pos = self.nxt.unsqueeze(1) + torch.arange(k + 1, device=self.dev)  # (b, k+1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((b, k + 1))], dim=1)
+        logits = e.forward(block, self.mask, pos, self.cache, keep=k + 1)  # (b, k+1, V)
+        steps = self._steps()  # the position of each row's first draft
+        if self.sampler:
+            probs = self.sampler.probs(logits.reshape(b * (k + 1), -1)).view(b, k + 1, -1)
+            p_draft = probs[:, :k].gather(2, block[:, 1:].unsqueeze(2)).squeeze(2).tolist()  # (b, k)
+            u_accept = torch.stack([self.sampler.uniforms(steps + j, stream=1) for j in range(k)], 1).tolist()
+            u_draw = torch.stack([self.sampler.uniforms(steps + j) for j in range(k + 1)], 1)  # (b, k+1)
+        else:
+            best = logits.argmax(-1).tolist()  # (b, k+1)
+        emitted = []
+        for i, d in enumerate(drafts):
+            out = []
+            for j, t in enumerate(d):
+                if (u_accept[i][j] < p_draft[i][j]) if self.sampler else best[i][j] == t:
+                    out.append(t)
+                    continue
+                if self.sampler:
+                    residual = probs[i, j].clone()
+                    residual[t] = 0.0
+                    out.append(int(self.sampler.inverse_cdf(residual.unsqueeze(0), u_draw[i, j:j + 1])))
+                else:
+                    out.append(best[i][j])
+                break
+            else:  # every draft kept: the policy's own next token comes free from the same pass
+                j = len(d)
+                out.append(int(self.sampler.inverse_cdf(probs[i, j:j + 1], u_draw[i, j:j + 1])) if self.sampler
+                           else best[i][j])
+            emitted.append(out)
+        accepted = [len(o) - 1 for o in emitted]  # drafts kept: all but the last emitted token
+        e.stats["verify_passes"] += 1
+        e.stats["verify_row_passes"] += b
+        e.stats["drafted"] += sum(len(d) for d in drafts)
+        e.stats["accepted"] += sum(accepted)
+        rate = sum(accepted) / b
+        self.accept_mean = rate if self.accept_mean is None else 0.7 * self.accept_mean + 0.3 * rate
+        if self.accept_mean < e.spec.min_accept:
+            self.pause, self.accept_mean = e.spec.backoff_steps, None
+        # Fed columns beyond the last token and the kept drafts hold rejected (or padding)
+        # tokens: masked from now on, and cut from the cache once no row needs the column.
+        a = torch.tensor(accepted, device=self.dev)
+        cols = torch.arange(k + 1, device=self.dev)
+        self.mask[:, -(k + 1):] = (cols.unsqueeze(0) <= a.unsqueeze(1)).long()
+        self.nxt = self.nxt + a + 1
+        self.tok = torch.tensor([o[-1] for o in emitted], device=self.dev)
+        self._advance(emitted)
+
+    def _advance(self, emitted: list[list[int]]) -> None:
+        """Append each running row's new tokens (up to an end-of-sequence or the budget) and take
+        the rows that ended out of the batch: cache, mask, positions, streams."""
+        import torch
+
+        keep = []
+        for b, tokens in enumerate(emitted):
+            r, done = self.alive[b], False
+            for t in tokens:
+                if t in self.e.eos_ids:
+                    self.finish[r], done = "stop", True
+                    break
+                self.gen[r].append(t)
+                if len(self.gen[r]) >= self.max_new:
+                    done = True
+                    break
+            if done:
+                if self.drafter:
+                    self.drafter.drop(r)
+                continue
+            if self.drafter:
+                self.drafter.add(r, tokens)
+            keep.append(b)
+        if len(keep) < len(self.alive):
+            self.alive = [self.alive[b] for b in keep]
+            if not keep:
+                return
+            sel = torch.tensor(keep, device=self.dev)
+            self.cache.batch_select_indices(sel)
+            self.mask, self.nxt, self.tok = self.mask[sel], self.nxt[sel], self.tok[sel]
+            if self.sampler:
+                self.sampler.select(sel)
+        self._drop_dead_columns()
+
+    def _drop_dead_columns(self) -> None:
+        """Cut the cache columns masked in every running row (a gone row's prompt padding,
+        rejected drafts): attention over them is masked anyway, so this only saves work."""
+        live = self.mask.any(0)  # (T,)
+        if bool(live.all()) or any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            return  # a sliding window's cache is not aligned with the mask's columns
+        idx = live.nonzero().squeeze(1)
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", False):
+                layer.keys, layer.values = layer.keys[:, :, idx], layer.values[:, :, idx]
+        self.mask = self.mask[:, idx]
