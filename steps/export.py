@@ -21,7 +21,7 @@ from typing import Any
 
 from steps.core import serving
 from steps.core.config import help_field, load_config
-from steps.core.io import InputError, read_json, write_json, write_text
+from steps.core.io import InputError, read_json, write_json
 from steps.core.lineage import build_meta
 
 BUNDLE_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",

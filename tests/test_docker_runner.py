@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flows.docker_runner import (FAMILIES, DockerRunnerConfig, LineSplitter, StageContainerFailed, container_env,
                                  family_of, gpu_request, image_for, run_kwargs, run_stage_container, stage_command)
