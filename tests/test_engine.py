@@ -98,8 +98,12 @@ def test_the_rl_engine_switch_decodes_grpo_rollouts_with_the_engine(backends):
     from steps.core.rl import RLConfig, rollout_func
 
     slow, _, prompts = backends
-    trainer = SimpleNamespace(processing_class=slow.tokenizer, model=slow.model, state=SimpleNamespace(global_step=3),
-                              accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    from accelerate import Accelerator
+
+    # The parts of a trainer the rollout reads (as in tests/test_trainers.py).
+    trainer = SimpleNamespace(processing_class=slow.tokenizer, model=slow.model, model_wrapped=slow.model,
+                              state=SimpleNamespace(global_step=3), accelerator=Accelerator(cpu=True),
+                              args=SimpleNamespace(ds3_gather_for_generation=True))
     texts = [p.text for p in prompts[:4] for _ in range(2)]
     outs = {}
     with mock.patch.object(FastEngine, "generate", autospec=True, side_effect=FastEngine.generate) as spy:

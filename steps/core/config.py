@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,6 +67,9 @@ class _StrictLoader(yaml.SafeLoader):
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # `{{}}`: PyYAML's own message, with the place
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        "found unhashable key", key_node.start_mark)
             if key in seen:
                 mark = key_node.start_mark
                 raise yaml.constructor.ConstructorError(
