@@ -66,6 +66,9 @@ def judge(cfg: JudgeConfig, examples: list[dict[str, Any]], candidates: list[dic
                   "examples_with_a_kept_candidate": sum(1 for i in ids if per_example.get(i)) / len(ids),
                   "mean_kept_tokens": (sum(r["completion_tokens"] for r in part if r["keep"])
                                        / max(1, sum(r["keep"] for r in part)))}
+    backend = getattr(impl, "backend", None)  # an LLM judge's servers: fail-over at a glance, as sample's
+    if hasattr(getattr(backend, "stats", None), "summary"):
+        st["backend"] = backend.stats.summary()
     return judged, kept, st
 
 
@@ -86,11 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(out / "kept.jsonl", kept)
     write_json(out / "stats.json", st)
     from steps.core import tracking
-    tracking.log_stage("judge", cfg, metrics={f"{ds}_{k}": v for ds, d in st.items() if isinstance(d, dict)
-                                              for k, v in d.items()})
-    for ds, d in st.items():
-        if isinstance(d, dict):
-            print(f"judge: {ds}: keep rate {d['keep_rate']:.1%} (C {d['correct_rate']:.1%}, H {d['helpful_rate']:.1%})")
+    datasets = {ds: d for ds, d in st.items() if isinstance(d, dict) and "keep_rate" in d}
+    metrics = {f"{ds}_{k}": v for ds, d in datasets.items() for k, v in d.items()}
+    if "backend" in st:
+        metrics["backend_requests_moved"] = st["backend"]["requests_moved"]
+        metrics["backend_servers_went_down"] = len(st["backend"]["servers_went_down"])
+    tracking.log_stage("judge", cfg, metrics=metrics)
+    for ds, d in datasets.items():
+        print(f"judge: {ds}: keep rate {d['keep_rate']:.1%} (C {d['correct_rate']:.1%}, H {d['helpful_rate']:.1%})")
 
 
 if __name__ == "__main__":

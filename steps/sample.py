@@ -27,6 +27,7 @@ dropped); stats.json counts the examples that lost documents, and a warning says
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import os
@@ -160,7 +161,11 @@ def resume_key(cfg: SampleConfig, model: str, data: Path | str) -> str:
     tokenizer_id = dir_digest(tokenizer) if isinstance(tokenizer, str) and Path(tokenizer).exists() else None
     module = REGISTRY[cfg.backend].split(":")[0]
     code = code_digest("steps.sample", "steps.core.backends", "steps.core.prompts", module)
-    return config_hash(cfg, model, model_id, tokenizer_id, _file_digest(Path(data)), code)
+    # Transport options (the server list, concurrency, timeouts; a back end's TRANSPORT_OPTIONS)
+    # change no row: editing them between a kill and the restart keeps the finished shards.
+    transport = getattr(backend_class(cfg.backend), "TRANSPORT_OPTIONS", frozenset())
+    kept = dataclasses.replace(cfg, backend_options={k: v for k, v in cfg.backend_options.items() if k not in transport})
+    return config_hash(kept, model, model_id, tokenizer_id, _file_digest(Path(data)), code)
 
 
 def main(argv: list[str] | None = None) -> None:

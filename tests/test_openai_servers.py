@@ -157,5 +157,9 @@ def test_the_judge_stage_takes_a_list_of_servers(serve, ecommerce_example):
               "completion_tokens": 5, "finish_reason": "stop", "model": "fake"} for j, r in enumerate(responses)]
     cfg = JudgeConfig(kind="llm", options={"model": "fake", "base_url": [a.base_url, b.base_url], "concurrency": 2,
                                            **FAST})
-    judged, kept, _ = judge_stage(cfg, [ecommerce_example], cands)
+    judged, kept, st = judge_stage(cfg, [ecommerce_example], cands)
     assert len(kept) == len(judged) == 4 and a.posts + b.posts == 4 and a.posts >= 1 and b.posts >= 1
+    # stats.json says which server judged what, as the sample stage's does
+    servers = st["backend"]["servers"]
+    assert {servers[a.base_url]["served"], servers[b.base_url]["served"]} == {a.posts, b.posts}
+    assert st["backend"]["requests_moved"] == 0

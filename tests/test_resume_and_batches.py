@@ -153,6 +153,24 @@ def test_resume_key_covers_weights_tokenizer_input_config_and_code(rows, teacher
     assert resume_key(cfg, "served-model", data) != resume_key(cfg, "other-served-model", data)
 
 
+def test_transport_options_leave_the_resume_key_alone(rows, teacher, tmp_path):
+    """A restart after a kill may point at other servers, raise the concurrency or the batch
+    size: the rows already written stay valid. An option that changes a completion still
+    starts afresh."""
+    data, _ = _stage_inputs(tmp_path, rows, teacher)
+
+    def key(backend: str, **options) -> str:
+        return resume_key(SampleConfig(backend=backend, backend_options=options), "served-model", data)
+
+    one = key("openai", base_url="http://a:8000/v1", concurrency=8)
+    assert key("openai", base_url=["http://a:8000/v1", "http://b:8000/v1"], concurrency=64,
+               all_down_timeout_s=30, cache_dir=str(tmp_path / "cache")) == one
+    assert key("openai", base_url="http://a:8000/v1", extra_body={"top_k": 20}) != one  # changes the draws
+    assert key("openai", base_url="http://a:8000/v1", use_chat=False) != one  # another endpoint, another prompt
+    assert key("transformers", batch_size=8) == key("transformers", batch_size=512)
+    assert key("transformers", engine="fast") != key("transformers")
+
+
 def test_dir_digest_is_content_not_path(tmp_path):
     a = tmp_path / "a"
     (a / "sub").mkdir(parents=True)

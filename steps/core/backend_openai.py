@@ -271,6 +271,11 @@ class Stats:
 
 class OpenAIBackend:
     name = "openai"
+    # Options that decide how requests travel, never what a completion is: a resumed stage keeps
+    # its finished shards when only these change (e.g. a server added to base_url after a kill).
+    TRANSPORT_OPTIONS = frozenset({"base_url", "api_key_env", "concurrency", "request_timeout_s", "max_retries",
+                                   "requests_per_second", "cache_dir", "backoff_initial_s", "backoff_max_s",
+                                   "progress", "health_timeout_s", "all_down_timeout_s"})
 
     def __init__(self, model: str, base_url: str | list[str] = "http://127.0.0.1:8000/v1",
                  api_key_env: str | None = "OPENAI_API_KEY", concurrency: int = 32,

@@ -101,6 +101,8 @@ class TransformersBackend:
     leave the batch; the same draws, so the same completions up to float noise)."""
 
     name = "transformers"
+    # Each row draws from its own stream (RowSampler), so the batch size changes no completion.
+    TRANSPORT_OPTIONS = frozenset({"batch_size"})
 
     def __init__(self, model: str, batch_size: int = 64, dtype: str = "float32", device: str = "auto",
                  model_obj: Any = None, tokenizer_obj: Any = None, threads: int | None = None,
