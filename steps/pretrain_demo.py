@@ -59,7 +59,11 @@ class PretrainDemoConfig:
     student_p_unhelpful: float = help_field(0.5, "share of student-base traces without the supplement",
                                          ge=0.0, le=1.0)
     max_fillers: int = help_field(6, "teacher verbosity: 0..max_fillers filler sentences per trace", ge=0)
-    threads: int = help_field(2, "torch CPU threads", ge=1)
+    threads: int = help_field(1, "torch CPU threads per training process", ge=1)
+    workers: int = help_field(2, "models trained at once, one process each. The embedded models' matrices are "
+                                 "too small to split across threads: on 2 cores two 1-thread processes train "
+                                 "both models in about the teacher's time alone (bench/pretrain_workers.py)",
+                              ge=1, le=2)
     micro_batches: int = help_field(2, "each batch is sorted by length and cut into this many parts, each "
                                        "padded to its own length (the same gradient, less padding)", ge=1)
     seed: int = help_field(0, "from base.seed", ge=0)
@@ -159,7 +163,8 @@ def batch_step(model: Any, seqs: list[tuple[int, list[int]]], pad_id: int, micro
 
 
 def train_lm(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: int, cfg: PretrainDemoConfig,
-             p_wrong: float, p_unhelpful: float, max_fillers: int, seed: int, label: str) -> list[dict[str, float]]:
+             p_wrong: float, p_unhelpful: float, max_fillers: int, seed: int, label: str,
+             position: int = 0) -> list[dict[str, float]]:
     """Completion-only causal-LM training on freshly written traces each step (so filler
     patterns never repeat exactly). Returns the loss curve."""
     import torch
@@ -174,7 +179,7 @@ def train_lm(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
     model.train()
     curve: list[dict[str, float]] = []
-    bar = tqdm(range(steps), desc=f"pretrain {label}", mininterval=5)
+    bar = tqdm(range(steps), desc=f"pretrain {label}", mininterval=5, position=position)
     ema = None
     for step in bar:
         idx = [rng.randrange(len(examples)) for _ in range(cfg.batch_size)]
@@ -206,31 +211,54 @@ def corpus_texts(examples: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
-def pretrain(cfg: PretrainDemoConfig, train: list[dict], out: Path) -> dict[str, Any]:
-    """Train and save both models under `out`; returns metrics. The vocabulary comes from the
-    train split only: nothing about the held-out splits reaches a model."""
+def _train_one(cfg: PretrainDemoConfig, train: list[dict], out: Path, offset: int) -> tuple[dict[str, Any], list]:
+    """Train model `offset` of the plan (0 teacher, 1 student base) and save it with the
+    tokenizer already saved in its directory; returns its metrics and loss curve. Runs in a
+    worker process when cfg.workers > 1."""
     import torch
+    from transformers import AutoTokenizer
 
     from steps.core import modeling
 
     torch.set_num_threads(cfg.threads)
+    label, arch, steps, p_wrong, p_unhelpful = (
+        ("teacher", cfg.teacher_arch, cfg.teacher_steps, cfg.teacher_p_wrong, cfg.teacher_p_unhelpful),
+        ("student_base", cfg.student_arch, cfg.student_steps, cfg.student_p_wrong, cfg.student_p_unhelpful))[offset]
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(out / label)
+    model = modeling.build_model(arch, len(tokenizer), tokenizer, cfg.seed + offset)
+    history = train_lm(model, tokenizer, train, steps, cfg, p_wrong, p_unhelpful, cfg.max_fillers,
+                       cfg.seed + 100 + offset, label, position=offset)
+    model.save_pretrained(out / label)
+    prof = modeling.save_profile(model, out / label)
+    return ({f"{label}_params": prof["n_params"], f"{label}_active_params": prof["n_active"],
+             f"{label}_train_s": round(time.perf_counter() - t0, 1),
+             f"{label}_final_loss": history[-1][f"{label}_loss"]}, history)
+
+
+def pretrain(cfg: PretrainDemoConfig, train: list[dict], out: Path) -> dict[str, Any]:
+    """Train and save both models under `out`; returns metrics. The vocabulary comes from the
+    train split only: nothing about the held-out splits reaches a model. Each model's result
+    depends only on its own seed, so training them in parallel changes nothing but the time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from steps.core import modeling
+
     tokenizer = modeling.build_tokenizer(corpus_texts(train))
-    metrics: dict[str, Any] = {"vocab_size": len(tokenizer)}
-    history: list[dict[str, float]] = []
-    plan = (("teacher", cfg.teacher_arch, cfg.teacher_steps, cfg.teacher_p_wrong, cfg.teacher_p_unhelpful, cfg.max_fillers),
-            ("student_base", cfg.student_arch, cfg.student_steps, cfg.student_p_wrong, cfg.student_p_unhelpful, cfg.max_fillers))
-    for offset, (label, arch, steps, p_wrong, p_unhelpful, fillers) in enumerate(plan):
-        t0 = time.perf_counter()
-        model = modeling.build_model(arch, len(tokenizer), tokenizer, cfg.seed + offset)
-        history += train_lm(model, tokenizer, train, steps, cfg, p_wrong, p_unhelpful, fillers,
-                            cfg.seed + 100 + offset, label)
-        model.save_pretrained(out / label)
+    for label in ("teacher", "student_base"):
         tokenizer.save_pretrained(out / label)
-        prof = modeling.save_profile(model, out / label)
-        metrics[f"{label}_params"] = prof["n_params"]
-        metrics[f"{label}_active_params"] = prof["n_active"]
-        metrics[f"{label}_train_s"] = round(time.perf_counter() - t0, 1)
-        metrics[f"{label}_final_loss"] = history[-1][f"{label}_loss"]
+    metrics: dict[str, Any] = {"vocab_size": len(tokenizer)}
+    if cfg.workers > 1:
+        # spawn: a forked child would inherit torch's thread pool state from the parent.
+        with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_train_one, [cfg] * 2, [train] * 2, [out] * 2, [0, 1]))
+    else:
+        results = [_train_one(cfg, train, out, offset) for offset in (0, 1)]
+    history: list[dict[str, float]] = []
+    for m, h in results:
+        metrics.update(m)
+        history += h
     metrics["history"] = history
     return metrics
 

@@ -66,3 +66,24 @@ def test_teacher_traces_never_repeat_a_filler_and_keep_their_order():
         assert positions == sorted(positions) and all(think.count(FILLERS[i]) == 1 for i in found)
         counts.add(len(found))
     assert {0, 6} <= counts or len(counts) >= 5  # the verbosity still varies from none to many
+
+
+def test_training_both_models_at_once_changes_nothing_but_the_time(tmp_path):
+    """`workers: 2` trains the teacher and the student base in two processes; each model's weights
+    depend on its own seed only, so they are byte-identical to training one after the other."""
+    import hashlib
+
+    from steps.pretrain_demo import PretrainDemoConfig, pretrain
+
+    cfg = PretrainDemoConfig(teacher_arch=TINY_DENSE, student_arch=TINY_MOE, teacher_steps=3, student_steps=2,
+                             batch_size=4, threads=1)
+    rows = examples(8, 4)
+
+    def digests(workers: int) -> dict[str, str]:
+        out = tmp_path / f"w{workers}"
+        metrics = pretrain(PretrainDemoConfig(**{**cfg.__dict__, "workers": workers}), rows, out)
+        assert {"teacher_final_loss", "student_base_final_loss"} <= metrics.keys()
+        return {m: hashlib.sha256((out / m / "model.safetensors").read_bytes()).hexdigest()
+                for m in ("teacher", "student_base")}
+
+    assert digests(2) == digests(1)
