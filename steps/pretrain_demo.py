@@ -194,7 +194,8 @@ def train_lm(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: 
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
-        bar.set_postfix(loss=f"{ema:.3f}")
+        # refresh=False: a refresh per step would defeat mininterval (one log line per step in Prefect)
+        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
         if step % 10 == 0 or step == steps - 1:
             curve.append({"step": step, f"{label}_loss": loss})
     model.eval()
