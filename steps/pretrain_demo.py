@@ -10,7 +10,9 @@ LMs on "teacher-style" traces written from the gold annotations:
   wrong answer or leaves out the helpful supplement), so that k-sampling and judge filtering
   have something to do;
 - student_base: a tiny Qwen3-MoE (so the paper's router load-balancing loss is exercised in
-  RFT), smaller and trained briefly on noisier traces: the weaker base that RFT improves.
+  RFT), smaller and trained on noisier traces: the weaker base that RFT improves.
+
+The two train at once, one process each (`workers`), and each depends on its own seed only.
 
 This stands in for a 670B teacher and a 30B-A3B student; the stages after it cannot tell.
 """
@@ -237,6 +239,21 @@ def _train_one(cfg: PretrainDemoConfig, train: list[dict], out: Path, offset: in
              f"{label}_final_loss": history[-1][f"{label}_loss"]}, history)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this process as soon as its parent is gone. A worker of a killed
+    stage would otherwise train on for minutes and then write into the outputs of the stage's
+    next run."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def pretrain(cfg: PretrainDemoConfig, train: list[dict], out: Path) -> dict[str, Any]:
     """Train and save both models under `out`; returns metrics. The vocabulary comes from the
     train split only: nothing about the held-out splits reaches a model. Each model's result
@@ -252,7 +269,10 @@ def pretrain(cfg: PretrainDemoConfig, train: list[dict], out: Path) -> dict[str,
     metrics: dict[str, Any] = {"vocab_size": len(tokenizer)}
     if cfg.workers > 1:
         # spawn: a forked child would inherit torch's thread pool state from the parent.
-        with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        import os
+
+        with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             results = list(pool.map(_train_one, [cfg] * 2, [train] * 2, [out] * 2, [0, 1]))
     else:
         results = [_train_one(cfg, train, out, offset) for offset in (0, 1)]

@@ -87,3 +87,45 @@ def test_training_both_models_at_once_changes_nothing_but_the_time(tmp_path):
                 for m in ("teacher", "student_base")}
 
     assert digests(2) == digests(1)
+
+
+def test_a_killed_stage_leaves_no_training_worker(tmp_path):
+    """SIGKILL the pretrain_demo stage while its two workers train: they end within seconds
+    instead of training on and writing into the outputs of the stage's next run."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+
+    data = tmp_path / "ingest"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in examples(8, 4)))
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"base": {"seed": 0}, "pretrain_demo": {
+        "teacher_arch": TINY_DENSE, "student_arch": TINY_MOE, "teacher_steps": 100000, "student_steps": 100000,
+        "batch_size": 4, "workers": 2, "threads": 1}}))
+    stage = subprocess.Popen([sys.executable, "-m", "steps.pretrain_demo", "--params", str(params), "--data", str(data),
+                              "--out", str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        workers: list[psutil.Process] = []
+        while time.time() < deadline and len(workers) < 2:
+            # the spawn start method adds a resource tracker beside the two workers
+            workers = [c for c in psutil.Process(stage.pid).children()
+                       if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
+            time.sleep(0.5)
+        assert len(workers) == 2, "the stage never started its two training workers"
+        time.sleep(3)  # the workers are training now
+        assert all(w.is_running() for w in workers)
+        os.kill(stage.pid, signal.SIGKILL)
+        stage.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"workers still running after the stage was killed: {[w.pid for w in alive]}"
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            p.kill()
