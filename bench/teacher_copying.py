@@ -87,23 +87,21 @@ def greedy():
     model.train()
     return {k: f"{100*v[0]/v[1]:.1f}% of {v[1]}" for k, v in sorted(res.items())}
 
-rng = random.Random(cfg.seed + 100); torch.manual_seed(cfg.seed + 100)
-prompt_ids = [tok(P.render(e, tok).text, add_special_tokens=False)["input_ids"] for e in train]
-by_ds = {}
-for e in train: by_ds.setdefault(e["dataset"], []).append(e)
-opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
-model.train(); t0 = time.time(); log = []
-for step in range(a.steps):
-    idx = [rng.randrange(len(train)) for _ in range(cfg.batch_size)]
-    traces = [PD.write_trace(train[i], rng, by_ds[train[i]["dataset"]], pw, pu, mf) for i in idx]
-    comp = tok(traces, add_special_tokens=False)["input_ids"]
-    seqs = [(len(prompt_ids[i]), prompt_ids[i] + c + [tok.eos_token_id]) for i, c in zip(idx, comp)]
-    for g in opt.param_groups: g["lr"] = PD._lr(step, a.steps, cfg.learning_rate, cfg.warmup_steps)
-    loss = PD.batch_step(model, seqs, tok.pad_token_id, cfg.micro_batches)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=True)
-    if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
-        rec = {"step": step + 1, "loss": round(loss, 3), "s": round(time.time() - t0), "tf": tf_probe()}
-        if step + 1 == a.steps: rec["greedy"] = greedy()
-        print(json.dumps(rec), flush=True); log.append(rec)
-        (out / "log.json").write_text(json.dumps(log, indent=1))
-model.save_pretrained(out / "model"); tok.save_pretrained(out / "model")
+t0 = time.time()
+log = []
+
+
+def probe(step: int, loss: float) -> None:
+    if step % a.eval_every and step != a.steps:
+        return
+    rec = {"step": step, "loss": round(loss, 3), "s": round(time.time() - t0), "tf": tf_probe()}
+    if step == a.steps:
+        rec["greedy"] = greedy()
+    print(json.dumps(rec), flush=True)
+    log.append(rec)
+    (out / "log.json").write_text(json.dumps(log, indent=1))
+
+
+PD.train_lm(model, tok, train, a.steps, cfg, pw, pu, mf, cfg.seed + 100, "probe", on_step=probe)
+model.save_pretrained(out / "model")
+tok.save_pretrained(out / "model")

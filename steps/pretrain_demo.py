@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from steps.core import prompts as P
 from steps.core.config import help_field, load_config
@@ -166,9 +167,10 @@ def batch_step(model: Any, seqs: list[tuple[int, list[int]]], pad_id: int, micro
 
 def train_lm(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: int, cfg: PretrainDemoConfig,
              p_wrong: float, p_unhelpful: float, max_fillers: int, seed: int, label: str,
-             position: int = 0) -> list[dict[str, float]]:
+             position: int = 0, on_step: Callable[[int, float], None] | None = None) -> list[dict[str, float]]:
     """Completion-only causal-LM training on freshly written traces each step (so filler
-    patterns never repeat exactly). Returns the loss curve."""
+    patterns never repeat exactly). Returns the loss curve. `on_step(steps_done, loss)` runs
+    after each optimiser step (bench/teacher_copying.py probes the model there)."""
     import torch
     from tqdm import tqdm
 
@@ -200,6 +202,8 @@ def train_lm(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: 
         bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
         if step % 10 == 0 or step == steps - 1:
             curve.append({"step": step, f"{label}_loss": loss})
+        if on_step is not None:
+            on_step(step + 1, loss)
     model.eval()
     return curve
 
@@ -243,7 +247,6 @@ def _exit_with_parent(parent: int) -> None:
     """Worker initializer: end this process as soon as its parent is gone. A worker of a killed
     stage would otherwise train on for minutes and then write into the outputs of the stage's
     next run."""
-    import os
     import threading
 
     def watch() -> None:
@@ -258,6 +261,7 @@ def pretrain(cfg: PretrainDemoConfig, train: list[dict], out: Path) -> dict[str,
     """Train and save both models under `out`; returns metrics. The vocabulary comes from the
     train split only: nothing about the held-out splits reaches a model. Each model's result
     depends only on its own seed, so training them in parallel changes nothing but the time."""
+    import functools
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -267,15 +271,14 @@ def pretrain(cfg: PretrainDemoConfig, train: list[dict], out: Path) -> dict[str,
     for label in ("teacher", "student_base"):
         tokenizer.save_pretrained(out / label)
     metrics: dict[str, Any] = {"vocab_size": len(tokenizer)}
+    train_one = functools.partial(_train_one, cfg, train, out)
     if cfg.workers > 1:
         # spawn: a forked child would inherit torch's thread pool state from the parent.
-        import os
-
         with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-            results = list(pool.map(_train_one, [cfg] * 2, [train] * 2, [out] * 2, [0, 1]))
+            results = list(pool.map(train_one, (0, 1)))
     else:
-        results = [_train_one(cfg, train, out, offset) for offset in (0, 1)]
+        results = [train_one(offset) for offset in (0, 1)]
     history: list[dict[str, float]] = []
     for m, h in results:
         metrics.update(m)
