@@ -26,6 +26,21 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("docker") is not None)
 
 
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """One finished micro run of the main job (`dvc repro`, tracking on), shared by the tests that
+    start from a finished pipeline and leave its outputs as they are (serving the champion, a DVC
+    remote round trip): each would otherwise pay for the same run again. Returns (workspace, env);
+    copy env before changing it."""
+    from tests.helpers import dvc, pipeline_workspace
+
+    ws = tmp_path_factory.mktemp("micro_run")
+    env = pipeline_workspace(ws)
+    _, seconds = dvc(ws, env, "repro")
+    print(f"\nmicro pipeline: {seconds:.1f} s")
+    return ws, env
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The real public data samples; skipped cleanly in a clone without ../shared."""

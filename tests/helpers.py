@@ -104,7 +104,7 @@ def pipeline_workspace(ws: Path, *presets: dict, methods: bool = False) -> dict[
         pipeline["stages"] = {k: v for k, v in pipeline["stages"].items() if k not in side}
         (ws / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (ws / ".gitignore").write_text("mlflow.db\n.prefect/\n__pycache__/\n")
+    (ws / ".gitignore").write_text("mlflow.db\nmlruns/\n.prefect/\n__pycache__/\n.venv-vllm\n")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PIPELINE_TRACKING": "on",
            "MLFLOW_TRACKING_URI": f"sqlite:///{ws}/mlflow.db", "PYTHONPATH": str(ws)}
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):

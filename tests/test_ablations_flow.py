@@ -1,5 +1,5 @@
 """`python -m flows.ablations` on the micro preset: real `dvc exp run`s for a two-seed variant pair,
-GRPO from the student base and a β > 0 run; the report, the plots, MLflow's GRPO curves, models
+GRPO from the student base with β > 0; the report, the plots, MLflow's GRPO curves, models
 evaluated once, a resumed second call that runs nothing, and the workspace put back. Then
 `python -m flows.compare` (make compare) in the same workspace: every method of the registry at
 its seeds, the methods report and its Pareto plot."""
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 VARIANTS = {"variants": {
     "rft_only": {"model": "rft", "seeds": [0, 1]},
     "rft_grpo": {"model": "rft_grpo", "seeds": [0, 1]},
-    "grpo_only": {"model": "rft_grpo", "overrides": {"grpo.init": "student_base"}},
-    "beta_0.04": {"model": "rft_grpo", "overrides": {"grpo.beta": 0.04}},
+    # two overrides in one variant: one run fewer than a variant each
+    "grpo_only_beta": {"model": "rft_grpo", "overrides": {"grpo.init": "student_base", "grpo.beta": 0.04}},
 }}
 
 
@@ -112,14 +112,14 @@ def test_ablations_flow_runs_reports_and_restores(workspace):
     # Every run is a real one: its own seed, starting policy and β reached the stages.
     assert stage_params(ws, "rft", "default-s1")["seed"] == "1"
     assert stage_params(ws, "grpo", "default-s1")["seed"] == "1"
-    assert stage_params(ws, "grpo", "grpo_only-s0")["init"] == "student_base"
-    assert stage_params(ws, "grpo", "beta_0.04-s0")["beta"] == "0.04"
+    assert stage_params(ws, "grpo", "grpo_only_beta-s0")["init"] == "student_base"
+    assert stage_params(ws, "grpo", "grpo_only_beta-s0")["beta"] == "0.04"
     # β > 0: TRL built the reference model (MoE student) and logged the KL, in the copy and per step in MLflow.
-    beta_log = (ws / "reports/ablations/runs/beta_0.04-s0/train_log.csv").read_text().splitlines()
+    beta_log = (ws / "reports/ablations/runs/grpo_only_beta-s0/train_log.csv").read_text().splitlines()
     assert "kl" in beta_log[0].split(",")
-    assert len(metric_steps(ws, "grpo", "beta_0.04-s0", "kl")) >= 2
+    assert len(metric_steps(ws, "grpo", "grpo_only_beta-s0", "kl")) >= 2
     for curve in ("reward", "rewards/length/mean", "completions/mean_length"):
-        assert len(metric_steps(ws, "grpo", "grpo_only-s0", curve)) >= 2, curve
+        assert len(metric_steps(ws, "grpo", "grpo_only_beta-s0", curve)) >= 2, curve
     # The teacher and the student base were evaluated once (their own DVC stages): no run re-ran them.
     assert "Running stage 'evaluate@teacher'" not in log and "Running stage 'evaluate@student_base'" not in log
     assert "Running stage 'evaluate@rft_grpo'" in log

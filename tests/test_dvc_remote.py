@@ -6,22 +6,19 @@ from __future__ import annotations
 import boto3
 import pytest
 
-from tests.helpers import add_s3_remote, clone_and_pull, dvc_outputs, moto_s3, pipeline_workspace, run
+from tests.helpers import add_s3_remote, clone_and_pull, dvc_outputs, moto_s3, run
 
 pytestmark = pytest.mark.slow
 
 
-def test_dvc_pull_into_a_fresh_clone_restores_every_output_byte_identical(tmp_path):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    env = pipeline_workspace(ws)
-    env["PIPELINE_TRACKING"] = "off"  # the registry is not what this test is about
+def test_dvc_pull_into_a_fresh_clone_restores_every_output_byte_identical(micro_run, tmp_path):
+    ws, env = micro_run  # a finished run (tests/conftest.py), shared with the serving tests
+    env = {**env, "PIPELINE_TRACKING": "off"}  # the registry is not what this test is about
     with moto_s3(tmp_path) as s3_env:
         env.update(s3_env)
         s3 = boto3.client("s3", endpoint_url=s3_env["S3_ENDPOINT_URL"], aws_access_key_id="testing",
                           aws_secret_access_key="testing", region_name="us-east-1")
         s3.create_bucket(Bucket="dvc")
-        run(ws, env, "dvc", "repro", timeout=1200)
         add_s3_remote(ws, env, "s3://dvc/livethinking", s3_env["S3_ENDPOINT_URL"])
         run(ws, env, "dvc", "push")
         stored = s3.list_objects_v2(Bucket="dvc", Prefix="livethinking/").get("KeyCount", 0)

