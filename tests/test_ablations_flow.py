@@ -29,8 +29,11 @@ VARIANTS = {"variants": {
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A committed micro workspace whose default pipeline has run (so it has a dvc.lock to restore)."""
+def workspace(tmp_path_factory, micro_run):
+    """A committed micro workspace whose default pipeline has run (so it has a dvc.lock to restore).
+    Its DVC cache is the session's finished micro run's (tests/conftest.py), as a team shares one:
+    `dvc repro` takes every stage that run made from DVC's run cache and runs only dler, its
+    evaluation and the report."""
     ws = tmp_path_factory.mktemp("ablations")
     for item in ("steps", "flows", "dvc.yaml", ".dvcignore", ".gitignore"):
         src = ROOT / item
@@ -51,10 +54,15 @@ def workspace(tmp_path_factory):
            "PREFECT_HOME": str(ws / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+    shared_cache = str(micro_run[0] / ".dvc" / "cache")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["dvc", "repro", "-q", "report"], ["git", "add", "-A"], ["git", "commit", "-qm", "micro"]):
+                ["dvc", "cache", "dir", "--local", shared_cache],
+                ["dvc", "repro", "report"], ["git", "add", "-A"], ["git", "commit", "-qm", "micro"]):
         proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-2000:])
+        if cmd[:2] == ["dvc", "repro"]:
+            ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
+            assert ran == {"dler", "evaluate@dler", "report"}, proc.stdout[-3000:]
     return ws, env
 
 

@@ -67,10 +67,16 @@ def served_model(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`vllm.entrypoints.openai.api_server` on a free port; stopped (with its engine) at teardown."""
-    root = tmp_path_factory.mktemp("vllm_server")
+@pytest.fixture
+def server(vllm_server):
+    """The session's vLLM server (tests/conftest.py: started once for this module and the relay
+    and router ones, which import this fixture)."""
+    return vllm_server
+
+
+def start_server(root: Path):
+    """`vllm.entrypoints.openai.api_server` on a free port, serving served_model; a generator
+    that yields once it answers and stops it (with its engine) when closed."""
     model = served_model(root / "model")
     port = free_port()
     log = (root / "server.log").open("w")
