@@ -46,13 +46,15 @@ serve: install install-vllm
 
 # The variants of ablations.yaml as DVC experiments in this workspace (`dvc exp run -S ...`), then
 # reports/ablations.{json,md} and reports/plots/{ablations_pareto,grpo_curves}.png. Runs already
-# copied to reports/ablations/runs are skipped; ARGS="--only rft_grpo grpo_only" or "--dry-run".
+# copied to reports/ablations/runs from the same params, lock and code are skipped;
+# ARGS="--only rft_grpo grpo_only" or "--dry-run".
 ablations: install
 	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.ablations $(ARGS)
 
 # Every method of the model registry (params.yaml `models`) on the embedded default with its seeds,
 # as DVC experiments, then reports/methods.{json,md} and reports/plots/methods_pareto.png.
-# Seeds already copied to reports/compare/runs are skipped; ARGS="--dry-run" prints the plan.
+# Seeds already copied to reports/compare/runs from the same params, lock and code are skipped;
+# ARGS="--dry-run" prints the plan.
 compare: install
 	PREFECT_HOME=$(CURDIR)/.prefect $(PY) -m flows.compare $(ARGS)
 

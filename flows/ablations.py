@@ -8,8 +8,9 @@ restored, not re-run (the teacher's and the student base's evaluations are made 
 experiments stop at the evaluations: export and promote would register every variant in the
 model registry. Right after a run, `steps.report --rows` writes its summary into
 reports/ablations/runs/<run>/ and the RL stages' data/<stage>/train_log.csv are copied there with
-a run.json; a run whose copy exists with the same settings and rows is skipped, so an interrupted
-flow resumes. At the end the workspace is put back as it was, also when a run fails or the flow
+a run.json; a run whose copy exists with the same settings and rows, made from the same baseline
+(baseline_digest: params.yaml, dvc.yaml, dvc.lock and the stages' code), is skipped, so an
+interrupted flow resumes and a changed workspace runs again. At the end the workspace is put back as it was, also when a run fails or the flow
 is killed (the next start restores first): params.yaml, dvc.lock and the outputs DVC does not
 cache from a snapshot, the rest by `dvc checkout`.
 Then steps/ablations.py writes the report.
@@ -21,6 +22,7 @@ Then steps/ablations.py writes the report.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -55,13 +57,30 @@ def report_command(run: report_step.Run, dest: Path) -> list[str]:
     return [sys.executable, "-m", "steps.report", "--out", str(dest)] + (["--rows", *run.rows] if run.rows else [])
 
 
-def is_copied(run: report_step.Run, runs_dir: Path) -> bool:
+def baseline_digest(root: Path = Path(".")) -> str:
+    """What a run is made from besides its own settings: the workspace's params.yaml, dvc.yaml and
+    dvc.lock and every module under steps/. A copy made from another baseline (new defaults, new
+    code, another `make run`) is stale and is run again; DVC's run cache gives back every stage
+    whose inputs did not change, so the re-run costs only what did. While a killed flow's snapshot
+    waits to be restored, the workspace files are read from it (the live params.yaml may hold a
+    run's overrides)."""
+    snapshot = root / SNAPSHOT
+    complete = (snapshot / "manifest.json").exists()
+    h = hashlib.sha256()
+    for rel in [Path("params.yaml"), Path("dvc.yaml"), Path("dvc.lock"),
+                *sorted(p.relative_to(root) for p in (root / "steps").rglob("*.py"))]:
+        f = snapshot / rel if complete and (snapshot / rel).exists() else root / rel
+        h.update(str(rel).encode() + b"\0" + (f.read_bytes() if f.exists() else b"") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def is_copied(run: report_step.Run, runs_dir: Path, baseline: str | None = None) -> bool:
     meta = runs_dir / run.name / "run.json"
     if not meta.exists():
         return False
     done = read_json(meta)
-    return ((done.get("overrides"), done.get("seed"), done.get("settings"), tuple(done.get("rows") or ()))
-            == (run.overrides, run.seed, run.settings, run.rows))
+    return ((done.get("overrides"), done.get("seed"), done.get("settings"), tuple(done.get("rows") or ()),
+             done.get("baseline")) == (run.overrides, run.seed, run.settings, run.rows, baseline))
 
 
 def workspace_files(dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
@@ -149,7 +168,7 @@ def restore_workspace(logger: Any) -> None:
 
 
 @task(name="dvc-experiment", task_run_name="{run.name}")
-def run_experiment(run: report_step.Run, runs_dir: Path, env: dict[str, str]) -> None:
+def run_experiment(run: report_step.Run, runs_dir: Path, env: dict[str, str], baseline: str | None = None) -> None:
     logger = get_run_logger()
     # -S edits params.yaml in place: start each run from the saved one, not the last run's.
     restore_files(only=("params.yaml",))
@@ -173,6 +192,7 @@ def run_experiment(run: report_step.Run, runs_dir: Path, env: dict[str, str]) ->
     # Written last: a copy without run.json is unfinished and is run again.
     write_json(dest / "run.json", {"name": run.name, "seed": run.seed, "overrides": run.overrides,
                                    "settings": run.settings, "rows": list(run.rows), "command": dvc_command(run),
+                                   "baseline": baseline,
                                    "seconds": round(seconds, 1), "finished_unix": int(time.time())})
     logger.info("%s: done in %.0f s, copied to %s", run.name, seconds, dest)
 
@@ -194,16 +214,17 @@ def ablations(only: list[str] | None = None, dry_run: bool = False, variants_fil
         raise ValueError(f"{variants_file}: no variant(s) {unknown}; known: {[v.name for v in variants]}")
     chosen = [v for v in variants if not only or v.name in only]
     runs = report_step.plan_runs(chosen, (params.get("base") or {}).get("seed", 0), report_step.seed_keys(rows), rows)
-    todo = [r for r in runs if not is_copied(r, Path(runs_dir))]
+    baseline = baseline_digest()
+    todo = [r for r in runs if not is_copied(r, Path(runs_dir), baseline)]
     for r in runs:
         logger.info("%-28s %s  %s", r.name, "to run " if r in todo else "copied ", " ".join(dvc_command(r)))
     if dry_run:
         return {}
-    run_all("ablations", todo, Path(runs_dir), logger)
+    run_all("ablations", todo, Path(runs_dir), logger, baseline)
     return report_step.main(["--variants", variants_file, "--runs", runs_dir, "--out", out])
 
 
-def run_all(name: str, todo: list[report_step.Run], runs_dir: Path, logger: Any) -> None:
+def run_all(name: str, todo: list[report_step.Run], runs_dir: Path, logger: Any, baseline: str | None = None) -> None:
     """The runs one after the other under one MLflow parent run, the workspace put back after
     (also after a failure; a killed flow's snapshot is restored at the next start)."""
     from steps.core import tracking
@@ -215,7 +236,7 @@ def run_all(name: str, todo: list[report_step.Run], runs_dir: Path, logger: Any)
         with tracking.pipeline_run(name, {"runs": [r.name for r in todo]}) as parent:
             env = {"MLFLOW_PARENT_RUN_ID": parent} if parent else {}
             for r in todo:
-                run_experiment(r, runs_dir, env)
+                run_experiment(r, runs_dir, env, baseline)
     finally:
         restore_workspace(logger)
 

@@ -5,7 +5,8 @@ a new method adds); each lists its seeds. One run per seed: `dvc exp run -n defa
 -S <stage>.seed=<seed> ... report` for every trained stage, so a run at seed s trains every
 method at seed s, and DVC restores what a run has already made (the teacher, the student base and
 their evaluations are made once). Runs are copied to reports/compare/runs/<run>/ and skipped when
-their copy exists, so an interrupted flow resumes; the workspace is put back at the end (the
+their copy exists and was made from the same baseline (params, pipeline, lock, code), so an
+interrupted flow resumes and a changed workspace runs again; the workspace is put back at the end (the
 ablations flow's runner). Then steps/methods.py writes reports/methods.{json,md} and
 reports/plots/methods_pareto.png.
 
@@ -21,7 +22,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.ablations import dvc_command, is_copied, run_all
+from flows.ablations import baseline_digest, dvc_command, is_copied, run_all
 from flows.pipeline import StageFailed, exit_on_sigterm
 from steps import ablations as A
 from steps import methods as report_step
@@ -39,12 +40,13 @@ def compare(dry_run: bool = False, runs_dir: str = str(RUNS), out: str = "report
     params = load_params()
     rows = load_registry(params=params)
     runs = A.plan_runs(report_step.variants(rows), (params.get("base") or {}).get("seed", 0), A.seed_keys(rows), rows)
-    todo = [r for r in runs if not is_copied(r, Path(runs_dir))]
+    baseline = baseline_digest()
+    todo = [r for r in runs if not is_copied(r, Path(runs_dir), baseline)]
     for r in runs:
         logger.info("%-16s %s  %s", r.name, "to run " if r in todo else "copied ", " ".join(dvc_command(r)))
     if dry_run:
         return {}
-    run_all("compare", todo, Path(runs_dir), logger)
+    run_all("compare", todo, Path(runs_dir), logger, baseline)
     return report_step.main(["--runs", runs_dir, "--out", out])
 
 

@@ -107,6 +107,21 @@ def test_report_files_and_plots(runs_dir, tmp_path):
         assert img.shape[0] > 300 and img.shape[1] > 300 and img.std() > 0.01
 
 
+def test_the_pareto_plot_marks_every_fixed_row(runs_dir, tmp_path):
+    """The methods report has fixed rows besides the teacher and the student base (route_teacher,
+    route_student_base): each gets a marker of its own (a KeyError once ended `make compare`)."""
+    import copy
+
+    from matplotlib.image import imread
+    from steps.ablations import plot_pareto
+
+    report = build_report(VARIANTS, [read_run(d) for d in sorted(runs_dir.iterdir())], REFS)
+    for name in ("route_teacher", "route_student_base"):
+        report["references"][name] = copy.deepcopy(report["references"]["teacher"])
+    plot_pareto(report, tmp_path / "pareto.png")
+    assert imread(tmp_path / "pareto.png").std() > 0.01
+
+
 def test_plan_shares_runs_and_seeds_only_what_differs():
     runs = plan_runs(VARIANTS, base_seed=0, keys=KEYS)
     assert [r.name for r in runs] == ["default-s0", "default-s1", "beta-s0", "unrun-s0"]
@@ -138,6 +153,38 @@ def test_a_run_evaluates_the_main_job_and_its_variants_rows_only():
     assert dvc_command(runs[1])[-5:] == [f"evaluate@{r}" for r in (*main, "side")]
     assert "report" not in dvc_command(runs[1])
     assert plan_runs([Variant("x", "side", {}, (0,))], 0, KEYS)[0].rows == ()  # no registry: every row
+
+
+def test_a_copy_made_from_another_baseline_is_run_again(tmp_path, monkeypatch):
+    """A copied run is skipped only if its settings, its rows and its baseline (params.yaml,
+    dvc.yaml, dvc.lock, steps/) match: new defaults or new code make every copy stale. While a
+    killed flow's snapshot waits, the baseline is read from it (the live params hold overrides)."""
+    from flows.ablations import SNAPSHOT, baseline_digest, is_copied
+
+    monkeypatch.chdir(tmp_path)
+    for f, text in {"params.yaml": "rft: {lr: 1}\n", "dvc.yaml": "stages: {}\n", "dvc.lock": "schema: '2.0'\n",
+                    "steps/rft.py": "X = 1\n"}.items():
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text(text)
+    base = baseline_digest()
+    [run] = plan_runs(VARIANTS[:1], base_seed=0, keys=KEYS)[:1]
+    (tmp_path / "runs" / run.name).mkdir(parents=True)
+    (tmp_path / "runs" / run.name / "run.json").write_text(json.dumps(
+        {"seed": run.seed, "overrides": run.overrides, "settings": run.settings, "rows": list(run.rows), "baseline": base}))
+    assert is_copied(run, tmp_path / "runs", base)
+    assert not is_copied(run, tmp_path / "runs", None)  # a copy from before baselines were recorded
+    for f in ("params.yaml", "dvc.yaml", "dvc.lock", "steps/rft.py"):  # each one alone makes the copy stale
+        original = (tmp_path / f).read_text()
+        (tmp_path / f).write_text(original + "# changed\n")
+        assert baseline_digest() != base and not is_copied(run, tmp_path / "runs", baseline_digest()), f
+        (tmp_path / f).write_text(original)
+    assert baseline_digest() == base
+    # a killed flow left its snapshot and an override in params.yaml: the snapshot's copy counts
+    (tmp_path / SNAPSHOT).mkdir(parents=True)
+    (tmp_path / SNAPSHOT / "params.yaml").write_text((tmp_path / "params.yaml").read_text())
+    (tmp_path / SNAPSHOT / "manifest.json").write_text("{}")
+    (tmp_path / "params.yaml").write_text("rft: {lr: 2}\n")
+    assert baseline_digest() == base
 
 
 def test_variants_file_errors_name_the_variant_and_field(tmp_path):
