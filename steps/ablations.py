@@ -320,10 +320,13 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     datasets = report["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 5), squeeze=False)
     marks = {"teacher": ("*", 260, "black"), "student_base": ("s", 90, "grey")}
+    # Any further fixed row (the methods report's route_teacher, route_student_base, ...) gets the
+    # next of these, the same one in every panel.
+    spare = iter([("D", 70, "dimgrey"), ("P", 90, "darkgrey"), ("X", 90, "silver"), ("v", 80, "lightgrey")])
     for ax, ds in zip(axes[0], datasets):
         for name, r in report["references"].items():
             m = r["datasets"][ds]
-            marker, size, color = marks[name]
+            marker, size, color = marks.get(name) or marks.setdefault(name, next(spare, ("x", 70, "grey")))
             ax.scatter(m["tokens_per_response"]["mean"], 100 * m["correctness"]["mean"], marker=marker, s=size,
                        color=color, label=name, zorder=3)
         labels: dict[tuple[float, float], list[str]] = {}
