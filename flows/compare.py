@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,16 @@ from steps import methods as report_step
 RUNS = Path("reports/compare/runs")
 
 
+def plan(rows: dict[str, Any], base_seed: int) -> list[A.Run]:
+    """The ablations' plan for one variant per trained row, each run evaluating every fixed row
+    too: a fixed row that no method is compared to (route_student_base: the router pool's weakest
+    member alone) is still a reference of the report. Their evaluations are made once; the other
+    runs get them from DVC's run cache."""
+    fixed = {n for n, r in rows.items() if r.fixed}
+    return [replace(r, rows=tuple(n for n in rows if n in fixed or n in r.rows))
+            for r in A.plan_runs(report_step.variants(rows), base_seed, A.seed_keys(rows), rows)]
+
+
 @flow(name="livethinking-compare", log_prints=True)
 def compare(dry_run: bool = False, runs_dir: str = str(RUNS), out: str = "reports") -> dict[str, Any]:
     """Run the seeds that have no copy yet, then write the methods report."""
@@ -39,7 +50,7 @@ def compare(dry_run: bool = False, runs_dir: str = str(RUNS), out: str = "report
     logger = get_run_logger()
     params = load_params()
     rows = load_registry(params=params)
-    runs = A.plan_runs(report_step.variants(rows), (params.get("base") or {}).get("seed", 0), A.seed_keys(rows), rows)
+    runs = plan(rows, (params.get("base") or {}).get("seed", 0))
     baseline = baseline_digest()
     todo = [r for r in runs if not is_copied(r, Path(runs_dir), baseline)]
     for r in runs:

@@ -187,6 +187,25 @@ def test_a_copy_made_from_another_baseline_is_run_again(tmp_path, monkeypatch):
     assert baseline_digest() == base
 
 
+def test_compare_evaluates_every_fixed_row_in_every_run():
+    """make compare's plan: every trained row at its seeds, and every fixed row, also one that no
+    row is compared to (the report lists them all as references)."""
+    from flows.compare import plan
+    from steps.core.registry import load_registry
+
+    rows = load_registry(params={"models": {
+        "teacher": {"stage": "pretrain_demo", "path": "t", "fixed": True},
+        "student_base": {"stage": "pretrain_demo", "path": "s", "fixed": True, "compare_to": "teacher"},
+        "rft": {"stage": "rft", "path": "r", "compare_to": "student_base", "seeds": [0, 1]},
+        "rft_grpo": {"stage": "grpo", "path": "g", "compare_to": "rft", "seeds": [0, 1]},
+        "alone": {"stage": "pretrain_demo", "path": "s", "fixed": True, "compare_to": "teacher", "main": False},
+        "side": {"stage": "side", "path": "x", "compare_to": "rft", "main": False, "seeds": [0, 1]},
+    }})
+    runs = plan(rows, 0)
+    assert [r.name for r in runs] == ["default-s0", "default-s1"]
+    assert all(r.rows == ("teacher", "student_base", "rft", "rft_grpo", "alone", "side") for r in runs)
+
+
 def test_variants_file_errors_name_the_variant_and_field(tmp_path):
     p = tmp_path / "ablations.yaml"
     params = {"grpo": {"beta": 0.0}, "judge": {"keep": "all"}}
