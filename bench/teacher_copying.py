@@ -10,7 +10,13 @@ its greedy answers on --n-dev musique dev examples by answer kind and hop count.
 OUT gets log.json (one record per evaluation) and the model. Needs an ingest directory
 (`dvc repro ingest`, or `python -m steps.ingest --params P --out DIR` for another split).
 """
-import argparse, json, random, sys, time
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,13 +37,12 @@ ap.add_argument("--max-fillers", type=int, default=None); ap.add_argument("--stu
 a = ap.parse_args()
 out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
 cfg = load_config(PD.PretrainDemoConfig, "pretrain_demo", str(ROOT / "params.yaml"))
-import dataclasses
 arch = {**(cfg.student_arch if a.student else cfg.teacher_arch), **json.loads(a.arch_json)}
 cfg = dataclasses.replace(cfg, batch_size=a.batch, learning_rate=a.lr, warmup_steps=a.warmup)
 pw = (cfg.student_p_wrong if a.student else cfg.teacher_p_wrong) if a.pwrong is None else a.pwrong
 pu = cfg.student_p_unhelpful if a.student else cfg.teacher_p_unhelpful
 mf = cfg.max_fillers if a.max_fillers is None else a.max_fillers
-import os; torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 train = read_validated(Path(a.ingest) / "train.jsonl", EXAMPLES)
 dev = [e for e in read_validated(Path(a.ingest) / "dev.jsonl", EXAMPLES) if e["dataset"] == "musique"][: a.n_dev]
 tok = modeling.build_tokenizer(PD.corpus_texts(train))
@@ -49,7 +54,9 @@ def kind(ans):
 
 def tf_probe():
     """teacher-forced argmax accuracy on entity tokens of clean traces (no fillers, no wrong)."""
-    model.eval(); rng = random.Random(0); hits = {}; 
+    model.eval()
+    rng = random.Random(0)
+    hits: dict[str, list[int]] = {}
     ents = set()
     for e in dev:
         ents.update(e["answers"]); ents.update(e["bridge"])
@@ -63,12 +70,15 @@ def tf_probe():
             for j in range(len(p), len(p) + len(c)):
                 w = tok.convert_ids_to_tokens(int(ids[0, j]))
                 if w in ents or w in countries:
-                    k = kind(w); h = hits.setdefault(k, [0, 0]); h[0] += int(pred[j - 1] == ids[0, j]); h[1] += 1
+                    h = hits.setdefault(kind(w), [0, 0])
+                    h[0] += int(pred[j - 1] == ids[0, j])
+                    h[1] += 1
     model.train()
     return {k: round(100 * v[0] / v[1], 1) for k, v in hits.items()}
 
 def greedy():
-    model.eval(); res = {}
+    model.eval()
+    res: dict[str, list[int]] = {}
     tok.padding_side = "left"
     with torch.no_grad():
         for i in range(0, len(dev), 50):
@@ -81,9 +91,10 @@ def greedy():
                 _, resp = P.split_completion(text)
                 ans = e["answers"][0]
                 ok = f"the answer is {ans} ." in resp
-                r = res.setdefault(f"{kind(ans)}/h{e['hops']}", [0, 0]); r[0] += ok; r[1] += 1
-                r = res.setdefault(kind(ans), [0, 0]); r[0] += ok; r[1] += 1
-                r = res.setdefault("all", [0, 0]); r[0] += ok; r[1] += 1
+                for key in (f"{kind(ans)}/h{e['hops']}", kind(ans), "all"):
+                    r = res.setdefault(key, [0, 0])
+                    r[0] += ok
+                    r[1] += 1
     model.train()
     return {k: f"{100*v[0]/v[1]:.1f}% of {v[1]}" for k, v in sorted(res.items())}
 

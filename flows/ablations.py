@@ -10,8 +10,8 @@ model registry. Right after a run, `steps.report --rows` writes its summary into
 reports/ablations/runs/<run>/ and the RL stages' data/<stage>/train_log.csv are copied there with
 a run.json; a run whose copy exists with the same settings and rows, made from the same baseline
 (baseline_digest: params.yaml, dvc.yaml, dvc.lock and the stages' code), is skipped, so an
-interrupted flow resumes and a changed workspace runs again. At the end the workspace is put back as it was, also when a run fails or the flow
-is killed (the next start restores first): params.yaml, dvc.lock and the outputs DVC does not
+interrupted flow resumes and a changed workspace runs again. At the end the workspace is put back
+as it was, also when a run fails or the flow is killed (the next start restores first): params.yaml, dvc.lock and the outputs DVC does not
 cache from a snapshot, the rest by `dvc checkout`.
 Then steps/ablations.py writes the report.
 
@@ -74,7 +74,7 @@ def baseline_digest(root: Path = Path(".")) -> str:
     return h.hexdigest()[:16]
 
 
-def is_copied(run: report_step.Run, runs_dir: Path, baseline: str | None = None) -> bool:
+def is_copied(run: report_step.Run, runs_dir: Path, baseline: str | None) -> bool:
     meta = runs_dir / run.name / "run.json"
     if not meta.exists():
         return False
@@ -168,7 +168,7 @@ def restore_workspace(logger: Any) -> None:
 
 
 @task(name="dvc-experiment", task_run_name="{run.name}")
-def run_experiment(run: report_step.Run, runs_dir: Path, env: dict[str, str], baseline: str | None = None) -> None:
+def run_experiment(run: report_step.Run, runs_dir: Path, env: dict[str, str], baseline: str) -> None:
     logger = get_run_logger()
     # -S edits params.yaml in place: start each run from the saved one, not the last run's.
     restore_files(only=("params.yaml",))
@@ -224,7 +224,7 @@ def ablations(only: list[str] | None = None, dry_run: bool = False, variants_fil
     return report_step.main(["--variants", variants_file, "--runs", runs_dir, "--out", out])
 
 
-def run_all(name: str, todo: list[report_step.Run], runs_dir: Path, logger: Any, baseline: str | None = None) -> None:
+def run_all(name: str, todo: list[report_step.Run], runs_dir: Path, logger: Any, baseline: str) -> None:
     """The runs one after the other under one MLflow parent run, the workspace put back after
     (also after a failure; a killed flow's snapshot is restored at the next start)."""
     from steps.core import tracking

@@ -6,8 +6,8 @@ a new method adds); each lists its seeds. One run per seed: `dvc exp run -n defa
 method at seed s, and DVC restores what a run has already made (the teacher, the student base and
 their evaluations are made once). Runs are copied to reports/compare/runs/<run>/ and skipped when
 their copy exists and was made from the same baseline (params, pipeline, lock, code), so an
-interrupted flow resumes and a changed workspace runs again; the workspace is put back at the end (the
-ablations flow's runner). Then steps/methods.py writes reports/methods.{json,md} and
+interrupted flow resumes and a changed workspace runs again; the workspace is put back at the end
+(the ablations flow's runner). Then steps/methods.py writes reports/methods.{json,md} and
 reports/plots/methods_pareto.png.
 
     python -m flows.compare            # make compare

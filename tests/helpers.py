@@ -205,6 +205,11 @@ def dvc(ws: Path, env: dict[str, str], *args: str) -> tuple[str, float]:
     return proc.stdout + proc.stderr, time.perf_counter() - t0
 
 
+def stages_run(out: str) -> set[str]:
+    """The stages a `dvc repro`'s output says it ran (restored ones are not among them)."""
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
 def check_pipeline_outputs(ws: Path) -> None:
     """Every output of a finished micro pipeline run exists and validates against its schema;
     every row of the workspace's model registry is evaluated and reported, in registry order."""

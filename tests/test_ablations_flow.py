@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import overlay
+from tests.helpers import overlay, stages_run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -61,8 +61,7 @@ def workspace(tmp_path_factory, micro_run):
         proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-2000:])
         if cmd[:2] == ["dvc", "repro"]:
-            ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
-            assert ran == {"dler", "evaluate@dler", "report"}, proc.stdout[-3000:]
+            assert stages_run(proc.stdout) == {"dler", "evaluate@dler", "report"}, proc.stdout[-3000:]
     return ws, env
 
 
