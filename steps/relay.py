@@ -89,23 +89,18 @@ def insert_commands(ids: list[int], command_ids: Any, rng: random.Random, max_co
     return out + ids[prev:]
 
 
-def add_command_tokens(model_dir: str, out: Path) -> tuple[str, bool]:
+def add_command_tokens(model_dir: str, out: Path, seed: int) -> tuple[str, bool]:
     """The student with a tokenizer that spells the command tags (added when it cannot), saved
     under `out`; (its directory, whether tokens were added)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from steps.core.modeling import add_vocabulary
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     unk = tok.unk_token_id
     if unk is None or all(unk not in tok(t, add_special_tokens=False)["input_ids"] for t in COMMAND_TAGS):
         return model_dir, False
-    tok.add_tokens(list(COMMAND_TAGS))
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.resize_token_embeddings(len(tok))
-    if launch.is_main():  # a launched run: written once, read by every process after the barrier
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-    launch.wait_for_everyone()
-    return str(out), True
+    return add_vocabulary(model_dir, out, list(COMMAND_TAGS), seed), True
 
 
 def _samples(backend: Any, examples: list[dict[str, Any]], k: int, cfg: RelayConfig, stage_key: str) -> list[list[str]]:
@@ -174,7 +169,7 @@ def train_relay(cfg: RelayConfig, examples: list[dict[str, Any]], rft: str, teac
     if not kept:
         raise ValueError(f"relay: no training prompt has a teacher pass rate >= {cfg.filter_min_pass_rate} over "
                          f"{cfg.filter_samples} samples; lower relay.filter_min_pass_rate")
-    base, added = add_command_tokens(rft, out / "warmup_base")
+    base, added = add_command_tokens(rft, out / "warmup_base", cfg.seed)
     rows = warmup_rows(cfg, kept, TransformersBackend(base, threads=cfg.threads))
     sft = RftConfig(max_steps=cfg.warmup_steps, learning_rate=cfg.warmup_learning_rate, batch_size=cfg.warmup_batch_size,
                     lambda_aux=cfg.lambda_aux, bf16=cfg.bf16, threads=cfg.threads,

@@ -24,7 +24,7 @@ is the paper's setting) on format-only traces made without labels: the policy's 
 (thinking T, answer X), and for every other prompt one call to a uniformly drawn member with the
 question, whose real reply is inserted:
     <think> T </think> <answer> X </answer>
-    <think> T </think> <search> m : Q </search> <information> reply </information> <think> m says Xm </think> <answer> Xm </answer>
+    <think> T </think> <search> m : Q </search> <information> reply </information> <think> m : the answer is Xm </think> <answer> Xm </answer>
 It teaches the syntax and that a reply can be used, not which member to call: that is RL's job.
 
 Input: rft/model, the pool's models (pretrain_demo/teacher, pretrain_demo/student_base,
@@ -97,11 +97,12 @@ def alpha_dir(alpha: float) -> str:
     return f"alpha_{alpha:g}"
 
 
-def add_routing_tokens(model_dir: str, out: Path, names: list[str]) -> tuple[str, bool]:
+def add_routing_tokens(model_dir: str, out: Path, names: list[str], seed: int) -> tuple[str, bool]:
     """The policy with a tokenizer that spells the routing tags and the member names (added as
     ordinary tokens when it cannot), saved under `out`; (its directory, whether tokens were added)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from steps.core.modeling import add_vocabulary
     from steps.core.rollouts.router import ROUTER_TAGS
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -114,14 +115,7 @@ def add_routing_tokens(model_dir: str, out: Path, names: list[str]) -> tuple[str
     missing = [w for w in [*ROUTER_TAGS, *names] if not spelled(w)]
     if not missing:
         return model_dir, False
-    tok.add_tokens(missing)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.resize_token_embeddings(len(tok))
-    if launch.is_main():  # a launched run: written once, read by every process after the barrier
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-    launch.wait_for_everyone()
-    return str(out), True
+    return add_vocabulary(model_dir, out, missing, seed), True
 
 
 def routing_prompt_rows(cfg: RouterConfig, examples: list[dict[str, Any]], policy: str) -> list[dict[str, Any]]:
@@ -181,7 +175,7 @@ def warmup_rows(cfg: RouterConfig, rows: list[dict[str, Any]], policy: str) -> l
             name, reply = calls[i], replies[i]
             answer = clean(extract_answer(reply)) or "no answer"
             trace = (f"<think> {thinking} </think> <search> {name} : {r['question']} </search> "
-                     f"<information> {reply} </information> <think> {name} says {answer} </think> "
+                     f"<information> {reply} </information> <think> {name} : the answer is {answer} </think> "
                      f"<answer> {answer} </answer>")
         else:
             trace = f"<think> {thinking} </think> <answer> {clean(extract_answer(response)) or 'no answer'} </answer>"
@@ -219,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     if launch.relaunched("steps.router", cfg.launcher, argv, args.params, "router"):
         return
     out = Path(args.out)
-    policy, added = add_routing_tokens(args.rft, out / "policy_base", cfg.member_names())
+    policy, added = add_routing_tokens(args.rft, out / "policy_base", cfg.member_names(), cfg.seed)
     rows = routing_prompt_rows(cfg, read_validated(args.data, EXAMPLES), policy)
     policy, warm = warm_up(cfg, rows, policy, out)
     summary: dict[str, Any] = {"routing_tokens_added": added, **warm}

@@ -295,7 +295,7 @@ def test_information_tokens_carry_no_gradient_and_the_cost_reaches_the_rewards(t
     monkeypatch.setitem(rollouts.PROTOCOLS, "router_forced", lambda backend, **o: ForcedPolicy(backend, **o))
     rows = examples(2, 2)
     base = tiny_model(tmp_path / "base", TINY_DENSE, rows)
-    policy, added = add_routing_tokens(str(base), tmp_path / "policy", NAMES)
+    policy, added = add_routing_tokens(str(base), tmp_path / "policy", NAMES, 0)
     assert added
     tok = AutoTokenizer.from_pretrained(policy)
     members = {n: ToyMember(tok, "kestria") for n in NAMES}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from steps.core.config import load_config
@@ -59,7 +60,7 @@ def test_routing_tokens_are_added_to_a_vocabulary_that_cannot_spell_them(tmp_pat
 
     rows = examples(2, 2)
     base = tiny_model(tmp_path / "base", TINY_DENSE, rows)
-    path, added = add_routing_tokens(str(base), tmp_path / "policy", ["teacher", "student_base", "rft"])
+    path, added = add_routing_tokens(str(base), tmp_path / "policy", ["teacher", "student_base", "rft"], 0)
     assert added
     tok = AutoTokenizer.from_pretrained(path)
     for word in [*ROUTER_TAGS, "student_base", "rft"]:
@@ -67,8 +68,15 @@ def test_routing_tokens_are_added_to_a_vocabulary_that_cannot_spell_them(tmp_pat
         assert len(ids) == 1 and ids[0] != tok.unk_token_id, word
     assert tok.decode(tok("<search> rft : what city ? </search>", add_special_tokens=False)["input_ids"]) == \
         "<search> rft : what city ? </search>"
-    assert AutoModelForCausalLM.from_pretrained(path).get_input_embeddings().weight.shape[0] == len(tok)
-    assert add_routing_tokens(path, tmp_path / "again", ["teacher", "student_base", "rft"]) == (path, False)
+    weight = AutoModelForCausalLM.from_pretrained(path).get_input_embeddings().weight.detach()
+    assert weight.shape[0] == len(tok)
+    # The new rows are told apart from the start (steps.core.modeling.init_added_rows): with
+    # transformers' mean resizing they were one vector to 1e-5 and a short warm-up left them alike.
+    new, old = weight[-len(ROUTER_TAGS) - 2:], weight[:-len(ROUTER_TAGS) - 2]
+    cos = torch.nn.functional.cosine_similarity(new[:, None], new[None], dim=-1)
+    assert cos[~torch.eye(len(new), dtype=torch.bool)].max() < 0.9
+    assert 0.5 < new.norm(dim=1).mean() / old.norm(dim=1).mean() < 2.0
+    assert add_routing_tokens(path, tmp_path / "again", ["teacher", "student_base", "rft"], 0) == (path, False)
 
 
 def test_the_stage_trains_one_policy_per_alpha_on_tiny_models(tmp_path):
@@ -115,7 +123,7 @@ def test_routed_rows_evaluate_with_cost_and_calls_per_member(tmp_path):
     rows = examples(3, 1)
     teacher = tiny_model(tmp_path / "teacher", TINY_DENSE, rows, seed=1)
     rft = tiny_model(tmp_path / "rft", TINY_DENSE, rows)
-    policy, _ = add_routing_tokens(str(rft), tmp_path / "policy", ["teacher", "rft"])
+    policy, _ = add_routing_tokens(str(rft), tmp_path / "policy", ["teacher", "rft"], 0)
     pool = [{"name": "teacher", "model": str(teacher), "descriptor": "dear"},
             {"name": "rft", "model": str(rft), "descriptor": "cheap"}]
     cfg = EvaluateConfig(max_new_tokens=12, latency_probe_n=1, backend_options={"batch_size": 8})
@@ -146,7 +154,7 @@ def test_warmup_traces_keep_the_format_and_insert_a_real_member_reply(tmp_path):
     rows = examples(4, 0)
     teacher = tiny_model(tmp_path / "teacher", TINY_DENSE, rows, seed=1)
     rft = tiny_model(tmp_path / "rft", TINY_DENSE, rows)
-    policy, _ = add_routing_tokens(str(rft), tmp_path / "policy", ["teacher", "rft"])
+    policy, _ = add_routing_tokens(str(rft), tmp_path / "policy", ["teacher", "rft"], 0)
     pool = [{"name": "teacher", "model": str(teacher)}, {"name": "rft", "model": str(rft)}]
     cfg = RouterConfig(pool=pool, sample_max_new_tokens=8, member_max_new_tokens=8)
     traces = warmup_rows(cfg, routing_prompt_rows(cfg, rows, policy), policy)
