@@ -94,7 +94,7 @@ def add_command_tokens(model_dir: str, out: Path, seed: int) -> tuple[str, bool]
     under `out`; (its directory, whether tokens were added)."""
     from transformers import AutoTokenizer
 
-    from steps.core.modeling import add_vocabulary
+    from steps.core.vocab import add_vocabulary
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     unk = tok.unk_token_id

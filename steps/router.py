@@ -102,7 +102,7 @@ def add_routing_tokens(model_dir: str, out: Path, names: list[str], seed: int) -
     ordinary tokens when it cannot), saved under `out`; (its directory, whether tokens were added)."""
     from transformers import AutoTokenizer
 
-    from steps.core.modeling import add_vocabulary
+    from steps.core.vocab import add_vocabulary
     from steps.core.rollouts.router import ROUTER_TAGS
 
     tok = AutoTokenizer.from_pretrained(model_dir)

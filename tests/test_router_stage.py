@@ -70,7 +70,7 @@ def test_routing_tokens_are_added_to_a_vocabulary_that_cannot_spell_them(tmp_pat
         "<search> rft : what city ? </search>"
     weight = AutoModelForCausalLM.from_pretrained(path).get_input_embeddings().weight.detach()
     assert weight.shape[0] == len(tok)
-    # The new rows are told apart from the start (steps.core.modeling.init_added_rows): with
+    # The new rows are told apart from the start (steps.core.vocab.init_added_rows): with
     # transformers' mean resizing they were one vector to 1e-5 and a short warm-up left them alike.
     new, old = weight[-len(ROUTER_TAGS) - 2:], weight[:-len(ROUTER_TAGS) - 2]
     cos = torch.nn.functional.cosine_similarity(new[:, None], new[None], dim=-1)
