@@ -48,10 +48,13 @@ def _files_holding(root: Path, needle: bytes) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_key_in_the_environment_reaches_the_server_and_no_file_of_the_run(serve, tmp_path):
+def test_a_key_in_the_environment_reaches_the_server_and_no_file_of_the_run(serve, tmp_path, micro_run):
     """The micro pipeline through the Prefect flow (so the MLflow parent run logs all params),
     sampling and judging through an OpenAI-protocol server that needs the key. The key is used
-    (the server saw it), and then searched for in every file of the workspace and the logs."""
+    (the server saw it), and then searched for in every file of the workspace and the logs.
+    The DVC cache is the session's finished micro run's (tests/conftest.py): ingest and
+    pretrain_demo, which never see the key, come from its run cache; every stage from sample on
+    runs here."""
     from tests.helpers import pipeline_workspace
 
     server = serve()
@@ -62,6 +65,8 @@ def test_a_key_in_the_environment_reaches_the_server_and_no_file_of_the_run(serv
                                   "judge": {"kind": "llm", "options": {"model": "fake", **via_env}}})
     env = {**env, "PLANTED_API_KEY": SECRET, "PREFECT_HOME": str(ws / ".prefect"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    subprocess.run(["dvc", "cache", "dir", "--local", str(micro_run[0] / ".dvc" / "cache")], cwd=ws, env=env,
+                   check=True)
     proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=ws, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

