@@ -52,9 +52,9 @@ def test_a_key_in_the_environment_reaches_the_server_and_no_file_of_the_run(serv
     """The micro pipeline through the Prefect flow (so the MLflow parent run logs all params),
     sampling and judging through an OpenAI-protocol server that needs the key. The key is used
     (the server saw it), and then searched for in every file of the workspace and the logs.
-    The DVC cache is the session's finished micro run's (tests/conftest.py): ingest and
-    pretrain_demo, which never see the key, come from its run cache; every stage from sample on
-    runs here."""
+    The DVC cache is the session's finished micro run's (tests/conftest.py): the stages that never
+    see the key (ingest, pretrain_demo and the teacher's and student base's evaluations) come from
+    its run cache; sample, the judge and every stage that reads them run here."""
     from tests.helpers import pipeline_workspace
 
     server = serve()
