@@ -146,7 +146,11 @@ def test_sampling_over_vllm_and_a_fault_injecting_server_killed_mid_run(server, 
     cfg = SampleConfig(backend="openai", k=4, shard_size=12, max_new_tokens=16, seed=3)
     backend = OpenAIBackend(model=SERVED, base_url=[server.url, fake.base_url], concurrency=4, progress=False,
                             backoff_initial_s=0.05, backoff_max_s=0.5)
-    killer = when(lambda: backend.stats.servers[fake.base_url].served >= 1, fake.kill)
+    # Killed once it has served a request and its 500 has reached the client: the 500 and a 200
+    # both come back after the 0.2 s latency, and a kill between them would turn the 500 into a
+    # connection error (a race seen in CI).
+    killer = when(lambda: backend.stats.servers[fake.base_url].served >= 1
+                  and backend.stats.by_error.get("http 500", 0) >= 1, fake.kill)
     t0 = time.perf_counter()
     out, _ = sample(cfg, rows, SERVED, tmp_path / "work", backend)
     print(f"\n48 requests over vLLM + a fault-injecting server killed mid-run: {time.perf_counter() - t0:.1f} s; "
