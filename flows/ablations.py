@@ -187,8 +187,9 @@ def run_experiment(run: report_step.Run, runs_dir: Path, env: dict[str, str], ba
     # grpo's log is the one the ablation report plots (train_log.csv); every RL stage's is kept.
     if Path("data/grpo/train_log.csv").exists():
         shutil.copy2("data/grpo/train_log.csv", dest / "train_log.csv")
-    for log in Path("data").glob("*/train_log.csv"):
-        shutil.copy2(log, dest / f"{log.parent.name}_train_log.csv")
+    # A stage with several policies keeps a log per policy (data/router/alpha_0/...): router_alpha_0_train_log.csv.
+    for log in sorted(Path("data").rglob("train_log.csv")):
+        shutil.copy2(log, dest / f"{'_'.join(log.parent.relative_to('data').parts)}_train_log.csv")
     # Written last: a copy without run.json is unfinished and is run again.
     write_json(dest / "run.json", {"name": run.name, "seed": run.seed, "overrides": run.overrides,
                                    "settings": run.settings, "rows": list(run.rows), "command": dvc_command(run),

@@ -5,8 +5,11 @@ run copies that flows/compare.py makes in reports/compare/runs/<run>/ (one run p
 at seed s trains every method at seed s). Output: reports/methods.json and methods.md (per
 method and dataset: correctness, helpfulness, EM, F1, tokens and decode TFLOPs per response, and
 each protocol's own columns such as inserted tokens, calls or cost, as mean, std, min and max
-over seeds; the fixed rows — teacher, student base — once) and reports/plots/methods_pareto.png
-(correctness against tokens per response, error bars over seeds, the Pareto front marked).
+over seeds; the fixed rows — teacher, student base — once), reports/plots/methods_pareto.png
+(correctness against tokens per response, error bars over seeds, the Pareto front marked) and,
+when an RL log has them, reports/plots/methods_calls.png: calls per response over training (the
+logs' `rollout/calls`, `rollout/calls_<member>` and `rollout/call_ratio` columns, steps/core/rl.py),
+one panel per policy and column, a line per seed: where a method learns to call, or stops.
 
     python -m steps.methods --runs reports/compare/runs --out reports
 """
@@ -33,7 +36,54 @@ def write_report(rows: dict[str, Any], runs_dir: Path, out: Path) -> dict[str, A
         "the seeds of rft and grpo (`seeds`)", "each method's seeds (params.yaml `models.<name>.seeds`)", 1)
     write_text(out / "methods.md", md)
     A.plot_pareto(report, out / "plots" / "methods_pareto.png")
+    plot_calls(runs_dir, out / "plots" / "methods_calls.png")
     return report
+
+
+def is_call_column(column: str) -> bool:
+    return column in ("rollout/calls", "rollout/call_ratio") or column.startswith("rollout/calls_")
+
+
+def call_curves(runs_dir: Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """{"<policy>: <column>": {run: [(step, value), ...]}} from the run copies' <policy>_train_log.csv."""
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for run in sorted(d for d in runs_dir.iterdir() if d.is_dir()) if runs_dir.exists() else []:
+        for log in sorted(run.glob("*_train_log.csv")):
+            rows = A.read_log(log)
+            policy = log.name.removesuffix("_train_log.csv")
+            for col in sorted({k for r in rows for k in r if is_call_column(k)}):
+                curves.setdefault(f"{policy}: {col.removeprefix('rollout/')}", {})[run.name] = [
+                    (r["step"], r[col]) for r in rows if col in r]
+    return curves
+
+
+def plot_calls(runs_dir: Path, path: Path) -> bool:
+    """methods_calls.png (module docstring); False, and no file, when no log has a call column."""
+    curves = call_curves(runs_dir)
+    if not curves:
+        path.unlink(missing_ok=True)  # an earlier report's plot would describe other runs
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = 4
+    nrows = -(-len(curves) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3 * nrows), squeeze=False)
+    for ax, (panel, by_run) in zip(axes.flat, curves.items()):
+        for run, pts in by_run.items():
+            ax.plot(*zip(*pts), marker=".", label=run)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    fig.suptitle("calls per response over training (rollout statistics of the RL logs)")
+    fig.tight_layout()
+    A._save(fig, path)
+    return True
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -50,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics = {f"{n}/{ds}/{f}": s["mean"] for n, r in report["variants"].items()
                for ds, m in r["datasets"].items() for f, s in m.items() if s["mean"] is not None}
     tracking.log_stage("methods", {"runs": args.runs}, metrics=metrics,
-                       artifacts=[out / "methods.json", out / "methods.md", out / "plots" / "methods_pareto.png"])
+                       artifacts=[out / "methods.json", out / "methods.md", out / "plots" / "methods_pareto.png",
+                                  *[p for p in [out / "plots" / "methods_calls.png"] if p.exists()]])
     print((out / "methods.md").read_text())
     return report
 

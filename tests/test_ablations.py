@@ -255,3 +255,27 @@ def test_a_killed_dvc_exp_run_leaves_head_detached_and_the_flow_reattaches_it(tm
     warning = reattach_branch(manifest)
     assert warning and "'main'" in warning
     assert subprocess.run(["git", "symbolic-ref", "-q", "HEAD"], cwd=tmp_path).returncode == 1
+
+
+def test_the_methods_report_plots_calls_per_member_over_training(tmp_path):
+    """reports/plots/methods_calls.png: each run copy's RL logs with call columns (a router's per
+    member, a relay's ratio), a line per run; none with such columns: no plot, and an old one goes."""
+    from matplotlib.image import imread
+
+    from steps.methods import call_curves, plot_calls
+
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        d = runs / f"default-s{seed}"
+        d.mkdir(parents=True)
+        (d / "router_alpha_0_train_log.csv").write_text(
+            "step,reward,rollout/calls,rollout/calls_teacher,rollout/cost\n1,0.1,0.5,0.25,0.3\n5,0.2,0.1,0.0,0.1\n")
+        (d / "grpo_train_log.csv").write_text("step,reward\n1,0.1\n")  # no call columns: no panel
+    curves = call_curves(runs)
+    assert sorted(curves) == ["router_alpha_0: calls", "router_alpha_0: calls_teacher"]
+    assert curves["router_alpha_0: calls_teacher"]["default-s1"] == [(1.0, 0.25), (5.0, 0.0)]
+    png = tmp_path / "plots" / "methods_calls.png"
+    assert plot_calls(runs, png) and imread(png).shape[1] > 1000
+    for d in runs.iterdir():
+        (d / "router_alpha_0_train_log.csv").unlink()
+    assert not plot_calls(runs, png) and not png.exists()

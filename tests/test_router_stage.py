@@ -107,6 +107,9 @@ def test_the_stage_trains_one_policy_per_alpha_on_tiny_models(tmp_path):
         assert (out / alpha_dir(a) / "model" / "config.json").exists()
         assert (out / alpha_dir(a) / "model" / "flops_profile.json").exists()
         assert metrics[alpha_dir(a)]["steps"] == 1
+        # Calls per member over training: the rollout's statistics are train-log columns.
+        header = (out / alpha_dir(a) / "train_log.csv").read_text().splitlines()[0].split(",")
+        assert {"rollout/calls", "rollout/calls_teacher", "rollout/calls_rft", "rollout/cost"} <= set(header)
     cfg = load_config(RouterConfig, "router", tmp_path / "params.yaml")
     prompt = routing_prompt_rows(cfg, rows, str(out / "policy_base"))[0]["prompt"]
     assert "teacher : dear" in prompt and "rft : cheap" in prompt

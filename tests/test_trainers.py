@@ -185,3 +185,25 @@ def test_old_logprob_override_and_raw_advantages_reach_the_loss(tmp_path):
     # vocabulary gives p << 0.5: far below 1 - 0.2, so with negative advantages it is clipped.
     assert logged["clip_ratio/low_mean"] > 0, logged
     assert logged["loss"] != 0.0
+
+
+def test_rollout_stats_are_per_step_means_with_missing_keys_counted_zero():
+    """The train log's `rollout/<key>` columns: means over the step's completions of the numeric
+    meta; a key a completion lacks counts 0 (a member it never called); dicts and text are left out."""
+    from steps.core.rl import rollout_stats
+    from steps.core.rollouts import RolloutCompletion
+
+    def c(**meta):
+        return RolloutCompletion(text="x", token_ids=(1,), mask=(1,), prompt_tokens=1, finish_reason="stop", meta=meta)
+
+    outs = [c(calls=2, calls_teacher=2, cost=0.5, forced=True, reward_columns={"cost": 0.5}, why="a"),
+            c(calls=0, cost=0.0, forced=False),
+            c(calls=1, calls_rft=1, cost=0.1, forced=False)]
+    assert rollout_stats(outs) == pytest.approx({
+        "rollout/calls": 1.0,            # (2 + 0 + 1) / 3
+        "rollout/calls_teacher": 2 / 3,  # only the first called the teacher
+        "rollout/calls_rft": 1 / 3,
+        "rollout/cost": 0.2,
+        "rollout/forced": 1 / 3,         # a flag's mean is its share
+    })
+    assert rollout_stats([]) == {}

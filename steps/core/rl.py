@@ -11,6 +11,9 @@ in params) and its rollout (steps.core.rollouts, by protocol name); `train_rl` d
   completion (the policy must learn to stop), as in TRL's own generation. A rollout may hand
   the rewards per-completion columns of its own (`meta["reward_columns"]`, e.g. AdaptThink's
   `forced_nothinking`); they reach the reward functions as dataset columns do.
+- **Rollout statistics**: the means of each step's numeric per-completion meta (a router's
+  calls per member, a relay's teacher tokens, AdaptThink's forced no-thinking share, ...) are
+  logged beside the rewards as `rollout/<key>` columns of train_log.csv.
 - **Rewards** are added as Σ wᵢ·rᵢ (TRL's `reward_weights`), from the registry.
 - **Advantages** (`advantage`): `group` z-score over the K completions of a prompt (GRPO, the
   LiveThinking paper), `batch` (group mean removed, divided by the batch's std: DLER's batch-level
@@ -258,6 +261,7 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
             sampling = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length,
                                       seed=derive_seed(cfg.seed, "rl", step))
             outs = [cs[0] for cs in rollout.run(ps, sampling)]
+        log_rollout_stats(trainer, outs)
         eos = tok.eos_token_id
         completion_ids, masks = [], []
         for c in outs:
@@ -271,6 +275,24 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
                 "external_tokens": [c.external_tokens for c in outs],
                 **{k: [c.meta.get("reward_columns", {}).get(k) for c in outs] for k in columns}}
     return run
+
+
+def rollout_stats(outs: list[Any]) -> dict[str, float]:
+    """Per-step means of the rollout's numeric per-completion meta (calls, calls per member,
+    inserted tokens, cost, thinking, ...): a completion without a key counts 0 for it."""
+    keys = sorted({k for c in outs for k, v in c.meta.items() if isinstance(v, (int, float))})
+    return {f"rollout/{k}": sum(float(c.meta.get(k, 0)) for c in outs) / len(outs) for k in keys} if outs else {}
+
+
+def log_rollout_stats(trainer: Any, outs: list[Any]) -> None:
+    """Into the train log beside the rewards: GRPOTrainer averages `_metrics["train"]` into each
+    log line (trl 1.16), so a curve such as calls per member over training is a column of
+    train_log.csv. Each process logs its own slice's means."""
+    metrics = getattr(trainer, "_metrics", None)
+    if metrics is None:  # another trainer: the rewards' columns are still logged
+        return
+    for k, v in rollout_stats(outs).items():
+        metrics["train"][k].append(v)
 
 
 def make_trainer_class(advantage: str, old_logp_override: Callable[[dict[str, Any]], Any] | None):
