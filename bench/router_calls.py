@@ -29,14 +29,18 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("models", nargs="+", help="router policy directories")
 ap.add_argument("--params", default=str(ROOT / "params.yaml"))
 ap.add_argument("--dev", default=str(ROOT / "data/ingest/dev.jsonl"))
-ap.add_argument("--n", type=int, default=32, help="dev prompts")
+ap.add_argument("--n", type=int, default=32, help="dev prompts per dataset")
+ap.add_argument("--dataset", action="append", help="only this dataset (repeatable; default: each in dev.jsonl, --n of each)")
 ap.add_argument("--samples", type=int, default=4, help="responses per prompt")
 ap.add_argument("--seed", type=int, default=7)
 a = ap.parse_args()
 
 cfg = load_config(RouterConfig, "router", a.params)
-examples = read_validated(a.dev, EXAMPLES)[: a.n]
-print(f"{a.n} dev prompts x {a.samples} samples, temperature 1")
+dev = read_validated(a.dev, EXAMPLES)
+datasets = a.dataset or list(dict.fromkeys(e["dataset"] for e in dev))
+# dev.jsonl is grouped by dataset: its first rows are one dataset's only.
+examples = [e for d in datasets for e in [x for x in dev if x["dataset"] == d][: a.n]]
+print(f"{a.n} dev prompts of each of {', '.join(datasets)} x {a.samples} samples, temperature 1")
 print(f"{'policy':50s} {'with a call: n / well-formed / right':>38s} {'without: n / well-formed / right':>34s}")
 for model in a.models:
     rows = routing_prompt_rows(cfg, examples, model)
@@ -44,15 +48,16 @@ for model in a.models:
     prompts = [P.Prompt(messages=(), text=r["prompt"], key=r["id"]) for r in rows]
     outs = rollout.run(prompts, SamplingParams(n=a.samples, temperature=1.0, max_new_tokens=cfg.max_completion_length,
                                                seed=a.seed))
-    counts = {True: [0, 0, 0], False: [0, 0, 0]}
+    counts = {(d, called): [0, 0, 0] for d in datasets for called in (True, False)}
     for e, responses in zip(examples, outs, strict=True):
         for r in responses:
             called = bool(r.meta["calls"] + r.meta["invalid_searches"] + r.meta["unknown_member_calls"])
             ok = format_violation(r.text, cfg.member_names()) is None
-            c = counts[called]
+            c = counts[e["dataset"], called]
             c[0] += 1
             c[1] += ok
             c[2] += ok and outcome_score(r.text, e["answers"]) > 0
     rollout.close()
-    print(f"{model:50s} {' / '.join(map(str, counts[True])):>38s} {' / '.join(map(str, counts[False])):>34s}")
-    print(json.dumps({"model": model, "call": counts[True], "no_call": counts[False]}))
+    for d in datasets:
+        print(f"{model + ' ' + d:50s} {' / '.join(map(str, counts[d, True])):>38s} {' / '.join(map(str, counts[d, False])):>34s}")
+        print(json.dumps({"model": model, "dataset": d, "call": counts[d, True], "no_call": counts[d, False]}))
