@@ -9,7 +9,10 @@ over seeds; the fixed rows — teacher, student base — once), reports/plots/me
 (correctness against tokens per response, error bars over seeds, the Pareto front marked) and,
 when an RL log has them, reports/plots/methods_calls.png: calls per response over training (the
 logs' `rollout/calls`, `rollout/calls_<member>` and `rollout/call_ratio` columns, steps/core/rl.py),
-one panel per policy and column, a line per seed: where a method learns to call, or stops.
+one panel per policy and column, a line per seed: where a method learns to call, or stops; and,
+when rows report a cost (the routed rows: each pool member alone, the random router, Router-R1 at
+each alpha), reports/plots/methods_cost.png: correctness (EM on musique) against cost per query,
+error bars over seeds, the Pareto front (cheaper, and at least as often right) marked.
 
     python -m steps.methods --runs reports/compare/runs --out reports
 """
@@ -37,7 +40,57 @@ def write_report(rows: dict[str, Any], runs_dir: Path, out: Path) -> dict[str, A
     write_text(out / "methods.md", md)
     A.plot_pareto(report, out / "plots" / "methods_pareto.png")
     plot_calls(runs_dir, out / "plots" / "methods_calls.png")
+    plot_cost(report, out / "plots" / "methods_cost.png")
     return report
+
+
+COST = "extras/cost"
+
+
+def cost_points(report: dict[str, Any], dataset: str) -> dict[str, tuple[float, float, float, float]]:
+    """{row: (cost mean, correctness % mean, cost std, correctness % std)} for every row with a
+    cost on `dataset` (fixed rows first); std 0 where a row has one seed. Correctness, not EM: a
+    judged dataset (e-commerce) has no EM."""
+    rows = {**report["references"], **report["variants"]}
+    out = {}
+    for name, r in rows.items():
+        m = r["datasets"].get(dataset, {})
+        if COST in m and m[COST]["mean"] is not None and m["correctness"]["mean"] is not None:
+            out[name] = (m[COST]["mean"], 100 * m["correctness"]["mean"], m[COST].get("std") or 0.0,
+                         100 * (m["correctness"].get("std") or 0.0))
+    return out
+
+
+def plot_cost(report: dict[str, Any], path: Path) -> bool:
+    """methods_cost.png (module docstring); False, and no file, when no row reports a cost."""
+    panels = {ds: cost_points(report, ds) for ds in report["datasets"]}
+    panels = {ds: pts for ds, pts in panels.items() if pts}
+    if not panels:
+        path.unlink(missing_ok=True)
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from adjustText import adjust_text
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    for ax, (ds, pts) in zip(axes[0], panels.items()):
+        for name, (x, y, dx, dy) in pts.items():
+            ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="s" if name in report["references"] else "o", capsize=3, zorder=2)
+        texts = [ax.text(x, y, name, fontsize=8) for name, (x, y, _, _) in pts.items()]
+        adjust_text(texts, x=[p[0] for p in pts.values()], y=[p[1] for p in pts.values()], ax=ax,
+                    expand=(1.2, 1.4), arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+        front = A.pareto_front({n: (x, y) for n, (x, y, _, _) in pts.items()})
+        ax.plot([pts[n][0] for n in front], [pts[n][1] for n in front], "--", color="tab:red", alpha=0.6,
+                label="Pareto front", zorder=1)
+        ax.set_xlabel("cost per query (member tokens x price per million / 1e6)")
+        ax.set_ylabel("correctness %")
+        ax.set_title(f"{ds}: mean over seeds, bars = std (squares: fixed rows)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    A._save(fig, path)
+    return True
 
 
 def is_call_column(column: str) -> bool:
@@ -101,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                for ds, m in r["datasets"].items() for f, s in m.items() if s["mean"] is not None}
     tracking.log_stage("methods", {"runs": args.runs}, metrics=metrics,
                        artifacts=[out / "methods.json", out / "methods.md", out / "plots" / "methods_pareto.png",
-                                  *[p for p in [out / "plots" / "methods_calls.png"] if p.exists()]])
+                                  *[p for p in [out / "plots" / "methods_calls.png", out / "plots" / "methods_cost.png"]
+                                    if p.exists()]])
     print((out / "methods.md").read_text())
     return report
 

@@ -279,3 +279,30 @@ def test_the_methods_report_plots_calls_per_member_over_training(tmp_path):
     for d in runs.iterdir():
         (d / "router_alpha_0_train_log.csv").unlink()
     assert not plot_calls(runs, png) and not png.exists()
+
+
+def test_the_methods_report_plots_correctness_against_cost_for_the_rows_with_a_cost(tmp_path):
+    """reports/plots/methods_cost.png: only rows that report `extras/cost` (routed rows; fixed rows
+    with one seed have no std), the front from cheapest to most often right; none: no plot."""
+    from matplotlib.image import imread
+
+    from steps.methods import cost_points, plot_cost
+
+    def row(correct, cost=None, std=None):
+        m = {"correctness": {"mean": correct, "std": std}}
+        if cost is not None:
+            m["extras/cost"] = {"mean": cost, "std": std}
+        return {"datasets": {"musique": m}}
+
+    report = {"datasets": ["musique"],
+              "references": {"teacher": row(0.6), "route_teacher": row(0.6, 0.1)},
+              "variants": {"rft": row(0.5), "router_r1": row(0.4, 0.0, 0.02), "route_random": row(0.5, 0.05, 0.01),
+                           "route_dear": row(0.45, 0.2, 0.0)}}
+    pts = cost_points(report, "musique")
+    assert list(pts) == ["route_teacher", "router_r1", "route_random", "route_dear"]  # fixed rows first
+    assert pts["router_r1"] == pytest.approx((0.0, 40.0, 0.02, 2.0)) and pts["route_teacher"][2:] == (0.0, 0.0)
+    png = tmp_path / "methods_cost.png"
+    assert plot_cost(report, png) and imread(png).shape[0] > 400
+    for r in (*report["references"].values(), *report["variants"].values()):
+        r["datasets"]["musique"].pop("extras/cost", None)
+    assert not plot_cost(report, png) and not png.exists()
