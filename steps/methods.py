@@ -94,7 +94,9 @@ def plot_cost(report: dict[str, Any], path: Path) -> bool:
 
 
 def is_call_column(column: str) -> bool:
-    return column in ("rollout/calls", "rollout/call_ratio") or column.startswith("rollout/calls_")
+    # calls_<member>, not the counter of searches beyond the limit
+    return (column in ("rollout/calls", "rollout/call_ratio")
+            or (column.startswith("rollout/calls_") and column != "rollout/calls_over_limit"))
 
 
 def call_curves(runs_dir: Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
