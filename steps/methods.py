@@ -8,8 +8,9 @@ each protocol's own columns such as inserted tokens, calls or cost, as mean, std
 over seeds; the fixed rows — teacher, student base — once), reports/plots/methods_pareto.png
 (correctness against tokens per response, error bars over seeds, the Pareto front marked) and,
 when an RL log has them, reports/plots/methods_calls.png: calls per response over training (the
-logs' `rollout/calls`, `rollout/calls_<member>` and `rollout/call_ratio` columns, steps/core/rl.py),
-one panel per policy and column, a line per seed: where a method learns to call, or stops; and,
+logs' `rollout/calls`, `rollout/calls_<member>` and `rollout/call_ratio` columns, steps/core/rl.py,
+and the reward beside them), one panel per policy and column, a line per seed: where a method
+learns to call, or stops; and,
 when rows report a cost (the routed rows: each pool member alone, the random router, Router-R1 at
 each alpha), reports/plots/methods_cost.png: correctness (EM on musique) against cost per query,
 error bars over seeds, the Pareto front (cheaper, and at least as often right) marked.
@@ -106,7 +107,9 @@ def call_curves(runs_dir: Path) -> dict[str, dict[str, list[tuple[float, float]]
         for log in sorted(run.glob("*_train_log.csv")):
             rows = A.read_log(log)
             policy = log.name.removesuffix("_train_log.csv")
-            for col in sorted({k for r in rows for k in r if is_call_column(k)}):
+            calls = sorted({k for r in rows for k in r if is_call_column(k)})
+            # beside its calls, what the policy was paid for them
+            for col in calls + (["reward"] if calls and any("reward" in r for r in rows) else []):
                 curves.setdefault(f"{policy}: {col.removeprefix('rollout/')}", {})[run.name] = [
                     (r["step"], r[col]) for r in rows if col in r]
     return curves
@@ -130,12 +133,13 @@ def plot_calls(runs_dir: Path, path: Path) -> bool:
             ax.plot(*zip(*pts), marker=".", label=run)
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylim(bottom=0)
+        if not panel.endswith(": reward"):  # a reward can be negative (a format penalty)
+            ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(curves):]:
         ax.axis("off")
-    fig.suptitle("calls per response over training (rollout statistics of the RL logs)")
+    fig.suptitle("calls per response over training, and the reward (rollout statistics of the RL logs)")
     fig.tight_layout()
     A._save(fig, path)
     return True

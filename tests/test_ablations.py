@@ -272,7 +272,7 @@ def test_the_methods_report_plots_calls_per_member_over_training(tmp_path):
             "step,reward,rollout/calls,rollout/calls_teacher,rollout/cost\n1,0.1,0.5,0.25,0.3\n5,0.2,0.1,0.0,0.1\n")
         (d / "grpo_train_log.csv").write_text("step,reward\n1,0.1\n")  # no call columns: no panel
     curves = call_curves(runs)
-    assert sorted(curves) == ["router_alpha_0: calls", "router_alpha_0: calls_teacher"]
+    assert sorted(curves) == ["router_alpha_0: calls", "router_alpha_0: calls_teacher", "router_alpha_0: reward"]
     assert curves["router_alpha_0: calls_teacher"]["default-s1"] == [(1.0, 0.25), (5.0, 0.0)]
     png = tmp_path / "plots" / "methods_calls.png"
     assert plot_calls(runs, png) and imread(png).shape[1] > 1000
