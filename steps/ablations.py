@@ -315,7 +315,6 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from adjustText import adjust_text
 
     datasets = report["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 5), squeeze=False)
@@ -336,23 +335,34 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
             ax.errorbar(x, y, xerr=m["tokens_per_response"]["std"] or 0, yerr=100 * (m["correctness"]["std"] or 0),
                         fmt="o", capsize=3, zorder=2)
             labels.setdefault((round(x, 1), round(y, 1)), []).append(name)
-        # Variants on the same spot share one label; adjustText moves labels off each other and off
-        # the points (neighbouring variants often sit a few tokens apart), with a leader line.
-        texts = [ax.text(x, y, ", ".join(names), fontsize=8) for (x, y), names in labels.items()]
-        if texts:
-            xs, ys = zip(*labels)
-            adjust_text(texts, x=list(xs), y=list(ys), ax=ax, expand=(1.2, 1.4),
-                        arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+        # Variants on the same spot share one label.
         front = [report["variants"][n]["datasets"][ds] for n in report["pareto_front"][ds]]
-        ax.plot([m["tokens_per_response"]["mean"] for m in front], [100 * m["correctness"]["mean"] for m in front],
-                "--", color="tab:red", alpha=0.6, label="Pareto front (variants)", zorder=1)
-        ax.set_xlabel("tokens per response (thinking included)")
-        ax.set_ylabel("correctness %")
-        ax.set_title(f"{ds}: mean over seeds, bars = std")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        pareto_panel(ax, [(x, y, ", ".join(names)) for (x, y), names in labels.items()],
+                     [(m["tokens_per_response"]["mean"], 100 * m["correctness"]["mean"]) for m in front],
+                     "Pareto front (variants)", "tokens per response (thinking included)",
+                     f"{ds}: mean over seeds, bars = std")
     fig.tight_layout()
     _save(fig, path)
+
+
+def pareto_panel(ax: Any, labels: list[tuple[float, float, str]], front: list[tuple[float, float]],
+                 front_label: str, xlabel: str, title: str) -> None:
+    """The finish every Pareto panel shares: labels that adjustText moves off each other and off
+    the points (neighbours often sit close), with a leader line; the front as a dashed line;
+    correctness on y; grid and legend."""
+    from adjustText import adjust_text
+
+    texts = [ax.text(x, y, label, fontsize=8) for x, y, label in labels]
+    if texts:
+        adjust_text(texts, x=[x for x, _, _ in labels], y=[y for _, y, _ in labels], ax=ax, expand=(1.2, 1.4),
+                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+    ax.plot([x for x, _ in front], [y for _, y in front], "--", color="tab:red", alpha=0.6, label=front_label,
+            zorder=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("correctness %")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
 
 
 def curve_runs(variants: list[Variant], runs: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:

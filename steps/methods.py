@@ -72,23 +72,15 @@ def plot_cost(report: dict[str, Any], path: Path) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from adjustText import adjust_text
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
     for ax, (ds, pts) in zip(axes[0], panels.items()):
         for name, (x, y, dx, dy) in pts.items():
             ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="s" if name in report["references"] else "o", capsize=3, zorder=2)
-        texts = [ax.text(x, y, name, fontsize=8) for name, (x, y, _, _) in pts.items()]
-        adjust_text(texts, x=[p[0] for p in pts.values()], y=[p[1] for p in pts.values()], ax=ax,
-                    expand=(1.2, 1.4), arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
         front = A.pareto_front({n: (x, y) for n, (x, y, _, _) in pts.items()})
-        ax.plot([pts[n][0] for n in front], [pts[n][1] for n in front], "--", color="tab:red", alpha=0.6,
-                label="Pareto front", zorder=1)
-        ax.set_xlabel("cost per query (member tokens x price per million / 1e6)")
-        ax.set_ylabel("correctness %")
-        ax.set_title(f"{ds}: mean over seeds, bars = std (squares: fixed rows)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        A.pareto_panel(ax, [(x, y, name) for name, (x, y, _, _) in pts.items()], [pts[n][:2] for n in front],
+                       "Pareto front", "cost per query (member tokens x price per million / 1e6)",
+                       f"{ds}: mean over seeds, bars = std (squares: fixed rows)")
     fig.tight_layout()
     A._save(fig, path)
     return True
