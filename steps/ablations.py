@@ -31,8 +31,10 @@ from steps.core.io import InputError, atomic_path, read_json, write_json, write_
 
 METRICS = ("correctness", "helpfulness", "em", "f1", "tokens_per_response", "decode_tflops_per_response")
 NULLABLE = ("em", "f1")  # e-commerce has no short gold answer
-# Reported too when a summary row has them: inserted tokens and each protocol's own numbers.
-OPTIONAL_PREFIXES = ("external_tokens_per_response", "extras/")
+# Reported too when a summary row has them: inserted tokens, each protocol's own numbers, the
+# think ratio, and per hop count (`hops_<h>/<metric>`, from the summary's `by_hops`) these two.
+OPTIONAL_PREFIXES = ("external_tokens_per_response", "extras/", "think_ratio")
+BY_HOPS = ("correctness", "think_ratio")
 
 
 def references(rows: dict[str, Any]) -> tuple[str, ...]:
@@ -200,6 +202,8 @@ def model_row(run: dict[str, Any], dataset: str, model: str) -> dict[str, float 
     if model not in rows:
         raise InputError(f"{path}: datasets.{dataset}: no '{model}' row")
     out = {k: v for k, v in rows[model].items() if k.startswith(OPTIONAL_PREFIXES) and _number(v)}
+    for hops, part in (rows[model].get("by_hops") or {}).items():
+        out.update({f"hops_{hops}/{k}": part[k] for k in BY_HOPS if _number(part.get(k))})
     for field in METRICS:
         if field not in rows[model]:
             raise InputError(f"{path}: datasets.{dataset}.{model}: missing field '{field}'")
