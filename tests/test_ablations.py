@@ -306,3 +306,54 @@ def test_the_methods_report_plots_correctness_against_cost_for_the_rows_with_a_c
     for r in (*report["references"].values(), *report["variants"].values()):
         r["datasets"]["musique"].pop("extras/cost", None)
     assert not plot_cost(report, png) and not png.exists()
+
+
+def test_the_methods_report_plots_the_think_ratio_over_training(tmp_path):
+    """reports/plots/methods_thinking.png: AdaCoT's own decisions as logged (rollout/thinks);
+    AdaptThink's rollouts are forced half and half, so its think ratio is 1 - the policy's
+    p(NoThinking), overall and per hop count; logs without those columns: no panel."""
+    from matplotlib.image import imread
+
+    from steps.methods import plot_thinking, think_curves
+
+    runs = tmp_path / "runs"
+    d = runs / "default-s0"
+    d.mkdir(parents=True)
+    (d / "adacot_train_log.csv").write_text("step,reward,rollout/thinks\n1,0.1,1.0\n5,0.2,0.75\n")
+    (d / "adaptthink_train_log.csv").write_text(
+        "step,reward,rollout/forced_nothinking,rollout/p_nothinking,rollout/p_nothinking_hops_1\n"
+        "1,-0.2,0.5,0.25,0.5\n5,-0.1,0.5,0.125,\n")  # a step without a 1-hop prompt leaves the cell empty
+    (d / "relay_train_log.csv").write_text("step,reward,rollout/calls\n1,0.1,0.5\n")
+    curves = think_curves(runs)
+    assert sorted(curves) == ["adacot: reward", "adacot: think ratio", "adaptthink: reward",
+                              "adaptthink: think ratio", "adaptthink: think ratio, 1-hop"]
+    assert curves["adacot: think ratio"]["default-s0"] == [(1.0, 1.0), (5.0, 0.75)]
+    assert curves["adaptthink: think ratio"]["default-s0"] == [(1.0, 0.75), (5.0, 0.875)]
+    assert curves["adaptthink: think ratio, 1-hop"]["default-s0"] == [(1.0, 0.5)]
+    png = tmp_path / "methods_thinking.png"
+    assert plot_thinking(runs, png) and imread(png).shape[1] > 1000
+    (d / "adacot_train_log.csv").unlink()
+    (d / "adaptthink_train_log.csv").unlink()
+    assert not plot_thinking(runs, png) and not png.exists()
+
+
+def test_the_methods_report_has_think_ratio_and_correctness_per_hop_count(runs_dir, tmp_path):
+    """The summaries' by_hops reach methods.json as hops_<h>/think_ratio and hops_<h>/correctness
+    (mean over seeds) and methods.md's table per hop count; a dataset without hops gets none."""
+    from steps.methods import hops_markdown
+
+    for run, ratio in (("default-s0", 0.5), ("default-s1", 1.0)):
+        path = runs_dir / run / "summary.json"
+        summary = json.loads(path.read_text())
+        for m in summary["datasets"]["musique"].values():
+            m["think_ratio"] = ratio
+            m["by_hops"] = {"1": {"correctness": 0.2, "think_ratio": ratio, "n": 2},
+                            "3": {"correctness": 0.6, "think_ratio": 1.0, "n": 2}}
+        path.write_text(json.dumps(summary))
+    report = build_report(VARIANTS[:2], [read_run(runs_dir / r) for r in ("default-s0", "default-s1")], REFS)
+    m = report["variants"]["rft_grpo"]["datasets"]["musique"]
+    assert m["hops_1/think_ratio"]["mean"] == pytest.approx(0.75) and m["hops_3/correctness"]["mean"] == 0.6
+    assert "hops_1/think_ratio" not in report["variants"]["rft_grpo"]["datasets"]["ecommerce"]
+    md = hops_markdown(report)
+    assert "## musique by hop count" in md and "## ecommerce" not in md
+    assert "| rft_grpo | 75 ± 35 | 75 ± 35 | 100 ± 0 | 20 ± 0 | 60 ± 0 |" in md
