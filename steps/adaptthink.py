@@ -145,18 +145,49 @@ def choose_opener(cfg: AdaptThinkConfig, policy: str, prompts: list[str], limit:
     return int(mass.argmax())
 
 
-def make_old_logp_override(open_id: int, logp: float = NOTHINKING_LOGP):
+def decision_positions(ids: Any, open_id: int) -> Any:
+    """(B,) index of each completion's decision token: the second when the completion starts
+    with `<think>`, else the first (an R1-style template opened the block)."""
+    return (ids[:, 0] == open_id).long()
+
+
+def make_old_logp_override(open_id: int, logp: float = NOTHINKING_LOGP, close_id: int | None = None):
     """The old log-prob of every rollout's forced decision token set to log 0.5 (both halves were
-    forced with probability 0.5). The decision token is the second completion token when the
-    completion starts with `<think>`, else the first (an R1-style template opened the block)."""
+    forced with probability 0.5). With `close_id`, its `stats` (steps/core/rl.py) log what the
+    forcing hides: the policy's own probability of NoThinking, p(`</think>` right after `<think>`),
+    read from the NoThinking half's decision token before the override, overall
+    (`rollout/p_nothinking`) and per hop count of the prompt (`rollout/p_nothinking_hops_<h>`).
+    1 - p is the think ratio the policy would have at the training temperature; the forced
+    rollouts themselves always show half and half."""
     def override(batch: dict[str, Any]) -> Any:
         import torch
 
         ids = batch["completion_ids"]  # (B, T)
         forced = torch.full(ids.shape, float("nan"))
-        pos = (ids[:, 0] == open_id).long()  # (B,)
-        forced[torch.arange(ids.size(0)), pos] = logp
+        forced[torch.arange(ids.size(0)), decision_positions(ids, open_id)] = logp
         return forced.to(ids.device)
+
+    def stats(inputs: list[dict[str, Any]], batch: dict[str, Any], own_logps: Any) -> dict[str, float]:
+        import torch
+
+        ids = batch["completion_ids"]
+        rows = torch.arange(ids.size(0), device=ids.device)
+        pos = decision_positions(ids, open_id)
+        nothinking = ids[rows, pos] == close_id
+        p = own_logps[rows, pos].exp().float()
+        if not bool(nothinking.any()):
+            return {}
+        out = {"rollout/p_nothinking": float(p[nothinking].mean())}
+        if len(inputs) == ids.size(0):  # hops of each completion's prompt, where the rows have them
+            by_hops: dict[Any, list[float]] = {}
+            for i in nothinking.nonzero().flatten().tolist():
+                if inputs[i].get("hops") is not None:
+                    by_hops.setdefault(inputs[i]["hops"], []).append(float(p[i]))
+            out.update({f"rollout/p_nothinking_hops_{h}": sum(v) / len(v) for h, v in sorted(by_hops.items())})
+        return out
+
+    if close_id is not None:
+        override.stats = stats  # type: ignore[attr-defined]
     return override
 
 
@@ -166,10 +197,10 @@ def train_adaptthink(cfg: AdaptThinkConfig, rows: list[dict[str, Any]], policy: 
 
     from steps.core.rollouts.hybrid import marker_ids
 
-    open_id = marker_ids(AutoTokenizer.from_pretrained(policy))[0]
+    open_id, close_id = marker_ids(AutoTokenizer.from_pretrained(policy))
     run_cfg = replace(cfg, protocol_options={**cfg.protocol_options, "thinking_opener_id": opener_id,
                                              "nothinking_ratio": cfg.nothinking_ratio})
-    return train_rl(run_cfg, rows, policy, out, old_logp_override=make_old_logp_override(open_id))
+    return train_rl(run_cfg, rows, policy, out, old_logp_override=make_old_logp_override(open_id, close_id=close_id))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ def test_the_rollout_masks_the_decision_token_only_when_asked(policy):
     from transformers import AutoTokenizer
 
     from steps.core.backends import SamplingParams, TransformersBackend
-    from steps.core.prompts import Prompt
+    from steps.core.prompts import Prompt, split_completion
     from steps.core.rollouts import RolloutCompletion, make_rollout
     from steps.core.rollouts.hybrid import marker_ids
     from steps.core.training import prompt_rows
@@ -38,6 +38,8 @@ def test_the_rollout_masks_the_decision_token_only_when_asked(policy):
         if len(got.token_ids) >= 2 and got.token_ids[0] == open_id:
             expected[1] = 0
         assert list(got.mask) == expected
+        # whether the policy thought, for the train log's think ratio (rollout/thinks)
+        assert got.meta["thinks"] == bool(split_completion(got.text)[0])
     plain = make_rollout("adacot", TransformersBackend(str(policy_dir), batch_size=8), mask_decision=False)
     assert all(set(cs[0].mask) <= {1} for cs in plain.run(prompts, SamplingParams(n=1, max_new_tokens=6, seed=1)))
 

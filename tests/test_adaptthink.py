@@ -79,6 +79,29 @@ def test_an_r1_style_prompt_forces_the_first_completion_token():
     assert int(torch.isnan(old).sum()) == 4
 
 
+def test_the_stats_read_the_policys_own_nothinking_probability_per_hop_count():
+    """The forcing hides the policy's own choice; its log-probs before the override do not. Four
+    completions `<think> D ...` (open 5, close 6, opener 7): two NoThinking (D = 6) with own
+    p(</think>) 0.1 (1 hop) and 0.3 (3 hops), two thinking (D = 7) whose p is not a NoThinking
+    probability and is left out; a batch without NoThinking logs nothing."""
+    import torch
+
+    from steps.adaptthink import make_old_logp_override
+
+    ids = torch.tensor([[5, 6, 2], [5, 7, 2], [5, 6, 2], [5, 7, 2]])
+    own = torch.log(torch.tensor([[0.9, 0.1, 0.5], [0.9, 0.8, 0.5], [0.9, 0.3, 0.5], [0.9, 0.6, 0.5]]))
+    inputs = [{"hops": 1}, {"hops": 1}, {"hops": 3}, {"hops": 3}]
+    override = make_old_logp_override(5, close_id=6)
+    assert override.stats(inputs, {"completion_ids": ids}, own) == pytest.approx({
+        "rollout/p_nothinking": 0.2,            # mean of 0.1 and 0.3
+        "rollout/p_nothinking_hops_1": 0.1,
+        "rollout/p_nothinking_hops_3": 0.3})
+    # rows without hops (e-commerce): the overall figure only
+    assert override.stats([{}, {}, {}, {}], {"completion_ids": ids}, own) == pytest.approx({"rollout/p_nothinking": 0.2})
+    assert override.stats(inputs, {"completion_ids": ids[[1, 3]]}, own[[1, 3]]) == {}
+    assert not hasattr(make_old_logp_override(5), "stats")  # without close_id: no stats
+
+
 @pytest.mark.parametrize("k,expected", [(2, [True, False]), (4, [True, True, False, False]),
                                         (8, [True] * 4 + [False] * 4)])
 def test_the_forced_share_is_per_group(k, expected):

@@ -296,7 +296,10 @@ def log_rollout_stats(trainer: Any, outs: list[Any]) -> None:
 
 
 def make_trainer_class(advantage: str, old_logp_override: Callable[[dict[str, Any]], Any] | None):
-    """GRPOTrainer with the wrapper's two hooks (raw advantages, old log-prob overrides)."""
+    """GRPOTrainer with the wrapper's two hooks (raw advantages, old log-prob overrides). An
+    override may carry `stats(inputs, batch, own_logps) -> {column: value}`: logged per step as
+    train_log.csv columns, from the policy's own log-probs of the completions before the override
+    (where a rollout forced a token, how likely the policy was to choose it)."""
     import torch
     from trl import GRPOTrainer
 
@@ -321,6 +324,12 @@ def make_trainer_class(advantage: str, old_logp_override: Callable[[dict[str, An
                     with torch.no_grad():
                         old, _, _ = self._get_per_token_logps_and_entropies(
                             self.model, ids, mask, out["completion_ids"].size(1), batch_size=ids.size(0))
+                # What the policy itself would have chosen where the rollout forced a token (e.g.
+                # AdaptThink's decision): its own log-probs, before the override replaces them.
+                stats = getattr(old_logp_override, "stats", None)
+                if stats is not None:
+                    for k, v in stats(inputs, out, old).items():
+                        self._metrics["train"][k].append(v)
                 forced = old_logp_override(out)  # (B, T): NaN where the model's own log-prob stands
                 out["old_per_token_logps"] = torch.where(torch.isnan(forced), old, forced.to(old.dtype))
             return out

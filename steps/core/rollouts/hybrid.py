@@ -13,7 +13,8 @@ completion token; with an R1-style template that ends the prompt with `<think>` 
   0); the forced decision token is the policy's (mask 1), and the stage sets its old log-prob to
   log 0.5, the probability of the forcing. Which rollouts were forced reaches the rewards as the
   `forced_nothinking` column (`meta["reward_columns"]`, steps/core/rl.py).
-- `adacot`: the model decides (plain decoding in thinking mode); with `mask_decision` the
+- `adacot`: the model decides (plain decoding in thinking mode; `meta["thinks"]` says whether it
+  thought, so the train log's `rollout/thinks` is the think ratio per step); with `mask_decision` the
   decision token gets mask 0, so it carries no loss: AdaCoT's Selective Loss Masking
   (arXiv 2505.11896). The token still counts as written by the policy nowhere else than in the
   loss (1 token off `policy_tokens`; no reward here reads lengths).
@@ -27,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from steps.core.backends import SamplingParams
-from steps.core.prompts import THINK_CLOSE, THINK_OPEN, Prompt
+from steps.core.prompts import THINK_CLOSE, THINK_OPEN, Prompt, split_completion
 from steps.core.rollouts import RolloutCompletion
 from steps.core.rollouts.plain import PlainRollout
 
@@ -137,6 +138,8 @@ class AdaCoTRollout(PlainRollout):
 
     def run(self, prompts: Sequence[Prompt], sampling: SamplingParams, on_batch=None):
         outs = super().run(prompts, sampling)
+        # the policy's own decision, unforced: its mean per step is the think ratio in training
+        outs = [[replace(c, meta={**c.meta, "thinks": bool(split_completion(c.text)[0])}) for c in cs] for cs in outs]
         if self.mask_decision:
             outs = [[self.masked(c, opened_by_prompt(p.text)) for c in cs] for p, cs in zip(prompts, outs, strict=True)]
         if on_batch:
