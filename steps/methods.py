@@ -163,6 +163,8 @@ def think_curves(runs_dir: Path) -> dict[str, dict[str, list[tuple[float, float]
             hop = col.removeprefix("p_nothinking").removeprefix("_hops_")
             out[f"{policy}: think ratio" + (f", {hop}-hop" if hop else "")] = {
                 run: [(x, 1.0 - y) for x, y in pts] for run, pts in by_run.items()}
+            if not hop:  # a ratio near 1 hides how far from choosing NoThinking the policy is
+                out[f"{policy}: p(NoThinking) (log)"] = by_run
         else:
             out[f"{policy}: think ratio" if col == "thinks" else panel] = by_run
     return out
@@ -185,7 +187,9 @@ def plot_log_curves(curves: dict[str, dict[str, list[tuple[float, float]]]], pat
             ax.plot(*zip(*pts), marker=".", label=run)
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("step")
-        if not panel.endswith(": reward"):  # a reward can be negative (a format penalty)
+        if panel.endswith("(log)"):
+            ax.set_yscale("log")
+        elif not panel.endswith(": reward"):  # a reward can be negative (a format penalty)
             ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

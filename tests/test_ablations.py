@@ -325,8 +325,9 @@ def test_the_methods_report_plots_the_think_ratio_over_training(tmp_path):
         "1,-0.2,0.5,0.25,0.5\n5,-0.1,0.5,0.125,\n")  # a step without a 1-hop prompt leaves the cell empty
     (d / "relay_train_log.csv").write_text("step,reward,rollout/calls\n1,0.1,0.5\n")
     curves = think_curves(runs)
-    assert sorted(curves) == ["adacot: reward", "adacot: think ratio", "adaptthink: reward",
-                              "adaptthink: think ratio", "adaptthink: think ratio, 1-hop"]
+    assert sorted(curves) == ["adacot: reward", "adacot: think ratio", "adaptthink: p(NoThinking) (log)",
+                              "adaptthink: reward", "adaptthink: think ratio", "adaptthink: think ratio, 1-hop"]
+    assert curves["adaptthink: p(NoThinking) (log)"]["default-s0"] == [(1.0, 0.25), (5.0, 0.125)]
     assert curves["adacot: think ratio"]["default-s0"] == [(1.0, 1.0), (5.0, 0.75)]
     assert curves["adaptthink: think ratio"]["default-s0"] == [(1.0, 0.75), (5.0, 0.875)]
     assert curves["adaptthink: think ratio, 1-hop"]["default-s0"] == [(1.0, 0.5)]
