@@ -103,6 +103,21 @@ def test_a_server_that_fails_every_request_is_taken_out(serve):
     assert backend.stats.servers[good.base_url].served == good.posts == 24
 
 
+def test_a_retry_goes_to_a_server_the_request_has_not_failed_on(serve):
+    """A server that fails fast has the fewest requests outstanding, so least-outstanding alone
+    would send a request's retries back to it (and, re-admitted between failures, it could
+    spend all of them: CI saw exactly that). The retry goes to the other server instead: the
+    broken one sees one attempt, is never marked down, and the busy one serves both."""
+    broken, busy = serve(faults=lambda n, body: "500"), serve(latency_s=0.3)
+    backend = OpenAIBackend(model="fake", base_url=[broken.base_url, busy.base_url], concurrency=2, max_retries=2,
+                            **FAST)
+    outs = backend.generate(chat_prompts(examples(2, 0)), SamplingParams(n=1))
+    assert all(len(cs) == 1 for cs in outs)
+    s = backend.stats.servers
+    assert broken.posts == s[broken.base_url].sent == 1 and s[broken.base_url].went_down == 0
+    assert busy.posts == s[busy.base_url].served == 2
+
+
 def test_every_server_down_fails_in_bounded_time_naming_them(serve_process):
     """Both servers are killed mid-run: the call waits all_down_timeout_s for one to come back,
     re-checking with back-off, then fails with an error that names both; never a hang."""

@@ -479,6 +479,7 @@ class OpenAIBackend:
         # A move (the server went down under the request) starts the retries afresh on the
         # others; the cap only guarantees an end when servers keep coming back and failing.
         max_moves = 3 * len(self.base_urls) * (self.max_retries + 1)
+        failed_on: set[str] = set()  # servers this request failed on: its retries go elsewhere
         for _ in range(max_moves + 1):
             retrying = AsyncRetrying(stop=stop_after_attempt(self.max_retries + 1), wait=self._wait,
                                      retry=retry_if_exception_type(RetryableError), before_sleep=self._note_retry,
@@ -489,11 +490,12 @@ class OpenAIBackend:
                     with attempt:
                         if limiter:
                             await limiter.acquire()
-                        server = await self.pool.acquire()
+                        server = await self.pool.acquire(avoid=frozenset(failed_on))
                         url = server.url
                         try:
                             return await self.pool.send(server, self._post(client, url, request))
                         except RetryableError as e:
+                            failed_on.add(url)
                             await self.pool.failed(server, e.kind, str(e))  # Moved when the server is down
                             raise
             except Moved:

@@ -7,7 +7,10 @@
 
 Balancing: each attempt goes to the live server with the fewest requests outstanding from this
 client (ties: the one picked least recently). A slower or busier server holds its requests
-longer and so receives fewer, which a round robin would not do.
+longer and so receives fewer, which a round robin would not do. A retry goes to a live server
+this request has not failed on yet, where there is one: a server that fails fast has the fewest
+outstanding, and would otherwise take every retry of the same request while it is re-admitted
+between failures (it passes its health check, and a re-admission starts its count afresh).
 
 Health: `GET <root>/health` (vLLM and SGLang answer 200 while the engine lives and 5xx once it
 died; `<root>` is the URL without its `/v1`) and, where a server has no such route, `GET
@@ -134,8 +137,9 @@ class ServerPool:
                     s.outstanding = 0
                 self._client = self._up = None
 
-    async def acquire(self) -> _Server:
-        """The live server with the fewest requests outstanding; waits (bounded) while none is."""
+    async def acquire(self, avoid: frozenset[str] = frozenset()) -> _Server:
+        """The live server with the fewest requests outstanding, preferring those whose URL is
+        not in `avoid` (the ones this request failed on); waits (bounded) while none is up."""
         assert self._up is not None, "acquire() outside running()"
         if not self._up.is_set():
             try:
@@ -143,7 +147,8 @@ class ServerPool:
                     await self._up.wait()
             except TimeoutError:
                 raise AllServersDown(self.all_down_message()) from None
-        server = min((s for s in self.servers if s.stats.up), key=lambda s: (s.outstanding, s.last_pick))
+        live = [s for s in self.servers if s.stats.up]
+        server = min([s for s in live if s.url not in avoid] or live, key=lambda s: (s.outstanding, s.last_pick))
         self._picks += 1
         server.last_pick = self._picks
         return server
