@@ -115,6 +115,39 @@ def test_the_rl_engine_switch_decodes_grpo_rollouts_with_the_engine(backends):
     assert outs["fast"]["env_mask"] == outs["generate"]["env_mask"]
 
 
+def test_an_rl_stage_keeps_one_drafter_that_trains_between_steps_and_logs_it(backends):
+    """`speculative: {drafter: eagle}` in an RL stage: one drafter and bandit for the whole run
+    (the closure's state), trained after each rollout on what it recorded, and per-step columns
+    for the train log (drafts kept per pass, the drafter's loss and seconds)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from steps.core.rl import RLConfig, rollout_func
+
+    slow, _, prompts = backends
+    trainer = SimpleNamespace(processing_class=slow.tokenizer, model=slow.model, model_wrapped=slow.model,
+                              state=SimpleNamespace(global_step=0), accelerator=Accelerator(cpu=True),
+                              args=SimpleNamespace(ds3_gather_for_generation=True),
+                              _metrics={"train": defaultdict(list)})
+    texts = [p.text for p in prompts[:4] for _ in range(2)]
+    cfg = RLConfig(rewards={"format": {}}, engine="fast", max_completion_length=12,
+                   speculative={**EAGLE, "depth": "bandit", "init_steps": 30, "train_steps": 7})
+    run = rollout_func(cfg)
+    for step in range(3):
+        trainer.state.global_step = step
+        out = run(texts, trainer)
+        assert len(out["completion_ids"]) == len(texts)
+    logged = trainer._metrics["train"]
+    assert len(logged["drafter/loss"]) == 3 and len(logged["drafter/seconds"]) == 3
+    assert len(logged["spec/accepted_per_pass"]) >= 1 and all(v >= 0 for v in logged["spec/accepted_per_pass"])
+    state = run.__closure__  # the one state lives in the closure: 30 init steps, then 7 per step
+    trained = [c.cell_contents for c in state if isinstance(c.cell_contents, list) and c.cell_contents
+               and hasattr(c.cell_contents[0], "drafter")][0][0].drafter.trained_steps
+    assert trained == 30 + 7 + 7
+
+
 # --- Speculative decoding (prompt-lookup drafts, verified in one pass) ---------------------------
 
 SPEC = {"draft_tokens": 3, "max_batch": 64, "ngram": 2, "min_accept": 0.0}  # always speculate
@@ -139,16 +172,17 @@ def test_speculative_greedy_is_token_identical_and_drafts_were_both_kept_and_rej
 def test_speculative_options_are_checked_by_name(backends):
     slow, _, _ = backends
     kw = dict(model="unused", model_obj=slow.model, tokenizer_obj=slow.tokenizer)
-    with pytest.raises(ValueError, match="backend_options.speculative: unknown keys \\['depth'\\]"):
-        make_backend("transformers", engine="fast", speculative={"depth": 3}, **kw)
+    with pytest.raises(ValueError, match="backend_options.speculative: unknown keys \\['depths'\\]"):
+        make_backend("transformers", engine="fast", speculative={"depths": 3}, **kw)
     with pytest.raises(ValueError, match="backend_options.speculative.draft_tokens: expected an integer >= 1"):
         make_backend("transformers", engine="fast", speculative={"draft_tokens": 0}, **kw)
     with pytest.raises(ValueError, match="needs engine: fast"):
         make_backend("transformers", engine="generate", speculative={"draft_tokens": 2}, **kw)
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), pytest.param(1.5, 0.9, marks=pytest.mark.slow)])
-def test_speculative_sampling_follows_the_policys_distribution(temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,drafter", [(1.0, 1.0, "prompt_lookup"), (1.0, 1.0, "eagle"),
+                                                        pytest.param(1.5, 0.9, "prompt_lookup", marks=pytest.mark.slow)])
+def test_speculative_sampling_follows_the_policys_distribution(temperature, top_p, drafter):
     """A 6-token vocabulary, a prompt the drafter finds its suffix in, 10,000 rows of 3 sampled
     tokens with speculation on: the empirical joint distribution of (x1, x2, x3) against the
     policy's exact one (products of its conditionals, enumerated), by total variation."""
@@ -165,7 +199,13 @@ def test_speculative_sampling_follows_the_policys_distribution(temperature, top_
     cfg = Qwen3Config(vocab_size=V, pad_token_id=0, eos_token_id=None, bos_token_id=None, initializer_range=0.6,
                       **{k: v for k, v in TINY_DENSE.items() if k != "type"})
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    engine = FastEngine(model, eos_ids=[], pad_id=0, speculative=SpecConfig(draft_tokens=2, max_batch=n, ngram=2, min_accept=0.0))
+    spec = SpecConfig(drafter=drafter, draft_tokens=2, max_batch=n, ngram=2, min_accept=0.0, init_steps=50)
+    engine = FastEngine(model, eos_ids=[], pad_id=0, speculative=spec)
+    if drafter == "eagle":  # a drafter trained on the policy's own draws, so that drafts are kept and rejected
+        engine.generate([prompt] * 512, seeds=list(range(n, n + 512)), temperature=temperature, top_p=top_p,
+                        max_new_tokens=3)
+        engine.state.after_rollout(model)
+        engine.stats.update(accepted=0, drafted=0, verify_passes=0)
     outs = engine.generate([prompt] * n, seeds=list(range(n)), temperature=temperature, top_p=top_p, max_new_tokens=3)
     assert engine.stats["verify_passes"] > 0 and 0 < engine.stats["accepted"] < engine.stats["drafted"]
     counts = collections.Counter(o.token_ids for o in outs)
@@ -183,3 +223,81 @@ def test_speculative_sampling_follows_the_policys_distribution(temperature, top_
     # Measured: 0.012 and 0.011; with the residual left as p (the rejected draft not removed)
     # 0.046 and 0.054.
     assert tv < 0.03, f"total variation {tv:.3f}"
+
+
+# --- TLT's learned pieces: the online drafter (EAGLE-style) and the depth bandit -----------------
+
+EAGLE = {"drafter": "eagle", "draft_tokens": 3, "max_batch": 64, "min_accept": 0.0, "init_steps": 300}
+
+
+def test_eagle_drafts_keep_greedy_identical_and_training_on_the_policys_features_raises_acceptance(backends):
+    """An untrained drafter proposes noise (almost nothing kept); one trained on the features the
+    engine recorded while decoding (no extra policy pass) has its drafts kept far more often;
+    either way the greedy output is the policy's own, token for token."""
+    from steps.core.drafter import SpecState
+
+    slow, _, prompts = backends
+    spec = SpecConfig(**EAGLE)
+    state = SpecState(spec, slow.model.get_output_embeddings().in_features, seed=0)
+    eagle = make_backend("transformers", model="unused", model_obj=slow.model, tokenizer_obj=slow.tokenizer,
+                         batch_size=64, engine="fast", speculative=EAGLE, spec_state=state)
+    sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+    reference = _flat(slow.generate(prompts, sampling))
+    assert _flat(eagle.generate(prompts, sampling)) == reference
+    before = eagle.last_stats["accepted"] / eagle.last_stats["verify_row_passes"]
+    assert state.drafter.buffered > 0  # recorded while decoding
+    fit = state.after_rollout(slow.model)  # init_steps on the buffer
+    assert fit["drafter/seconds"] > 0 and fit["drafter/top1"] > 0.5
+    assert _flat(eagle.generate(prompts, sampling)) == reference
+    after = eagle.last_stats["accepted"] / eagle.last_stats["verify_row_passes"]
+    assert after > before + 0.5, (before, after)
+    # Frozen: trained once, never again; online: every call trains train_steps more.
+    frozen = SpecState(SpecConfig(**{**EAGLE, "online": False, "init_steps": 5}), 32)
+    frozen.drafter.record([(__import__("torch").tensor([1, 2, 3]), __import__("torch").zeros(3, 32))])
+    assert frozen.after_rollout(slow.model)["drafter/seconds"] > 0
+    assert frozen.after_rollout(slow.model)["drafter/seconds"] == 0.0 and frozen.drafter.trained_steps == 5
+
+
+@pytest.mark.parametrize("drafter", ["eagle", "prompt_lookup"])
+def test_bandit_speculation_keeps_greedy_identical(backends, drafter):
+    from steps.core.drafter import SpecState
+
+    slow, _, prompts = backends
+    opts = {**EAGLE, "drafter": drafter, "depth": "bandit", "epsilon": 0.2}
+    state = SpecState(SpecConfig(**opts), slow.model.get_output_embeddings().in_features, seed=1)
+    spec = make_backend("transformers", model="unused", model_obj=slow.model, tokenizer_obj=slow.tokenizer,
+                        batch_size=64, engine="fast", speculative=opts, spec_state=state)
+    sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+    assert _flat(spec.generate(prompts, sampling)) == _flat(slow.generate(prompts, sampling))
+    tried = {arm for (_, arm) in state.bandit.counts}
+    assert tried == {0, 1, 2, 3}  # every depth was tried, the plain step (0) among them
+
+
+def test_depth_bandit_rules():
+    from steps.core.drafter import DepthBandit
+
+    # Buckets: powers of two of the running batch size.
+    assert [DepthBandit.bucket(b) for b in (1, 2, 3, 4, 5, 32, 33)] == [1, 2, 4, 4, 8, 32, 64]
+    bandit = DepthBandit(max_depth=2, epsilon=0.0)
+    # Untried arms first, in order: plain step, depth 1, depth 2.
+    for arm, tokens in ((0, 10), (1, 30), (2, 20)):
+        assert bandit.choose(4) == arm
+        bandit.update(4, arm, tokens, 1.0)
+    assert bandit.choose(3) == 1  # same bucket (4): the best mean tokens per second
+    assert bandit.choose(8) == 0  # a new bucket starts over
+    bandit.update(4, 1, 0, 1.0)  # depth 1's mean falls to 15, below depth 2's 20
+    assert bandit.choose(4) == 2 and bandit.best() == {4: 2}
+    # epsilon 1: always a random arm.
+    explorer = DepthBandit(max_depth=2, epsilon=1.0, seed=0)
+    for arm in range(3):
+        explorer.update(1, arm, 1, 1.0)
+    assert {explorer.choose(1) for _ in range(50)} == {0, 1, 2}
+
+
+def test_eagle_options_are_checked_by_name():
+    with pytest.raises(ValueError, match="speculative.drafter: unknown drafter 'medusa'"):
+        SpecConfig.from_options({"drafter": "medusa"})
+    with pytest.raises(ValueError, match="speculative.depth: expected 'fixed' or 'bandit'"):
+        SpecConfig.from_options({"depth": "auto"})
+    with pytest.raises(ValueError, match="speculative.train_steps: expected an integer >= 0"):
+        SpecConfig.from_options({"drafter": "eagle", "train_steps": -1})

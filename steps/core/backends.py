@@ -106,7 +106,7 @@ class TransformersBackend:
 
     def __init__(self, model: str, batch_size: int = 64, dtype: str = "float32", device: str = "auto",
                  model_obj: Any = None, tokenizer_obj: Any = None, threads: int | None = None,
-                 engine: str = "generate", speculative: dict | None = None):
+                 engine: str = "generate", speculative: dict | None = None, spec_state: Any = None):
         if engine not in ENGINES:
             raise ValueError(f"backend_options.engine: unknown engine {engine!r}; known: {list(ENGINES)}")
         if speculative and engine != "fast":
@@ -134,6 +134,7 @@ class TransformersBackend:
         self.batch_size = batch_size
         self.model_name = model
         self.engine = engine
+        self.spec_state = spec_state  # the drafter and bandit an RL stage keeps across steps (steps.core.drafter)
 
     def generate(self, prompts, sampling, on_batch=None):
         tok = self.tokenizer
@@ -194,7 +195,8 @@ class TransformersBackend:
     def _fast(self, rows: list[list[int]], seeds: list[int], sampling: SamplingParams) -> list[tuple[list[int], bool]]:
         from steps.core.engine import FastEngine
 
-        engine = FastEngine(self.model, self._eos_ids(), self.tokenizer.pad_token_id, self.speculative)
+        engine = FastEngine(self.model, self._eos_ids(), self.tokenizer.pad_token_id, self.speculative,
+                            state=self.spec_state)
         outs = engine.generate(rows, seeds, sampling.temperature, sampling.top_p, sampling.max_new_tokens)
         self.last_stats = dict(engine.stats)
         return [(list(o.token_ids), o.finish_reason == "stop") for o in outs]

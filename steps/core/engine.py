@@ -31,6 +31,7 @@ RL stages with `engine: fast` in their params section (steps.core.rl.RLConfig).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -46,23 +47,42 @@ class Generated:
 class SpecConfig:
     """Speculative decoding in the tail of a batch (`speculative:` in the back end's options or an
     RL stage's params; empty: off)."""
-    drafter: Literal["prompt_lookup"] = "prompt_lookup"
-    draft_tokens: int = 4  # tokens proposed per verification pass
+    # prompt_lookup: the row's own n-grams, no model. eagle: a block trained on the policy's
+    # features (steps.core.drafter), online between RL steps when `online`.
+    drafter: Literal["prompt_lookup", "eagle"] = "prompt_lookup"
+    draft_tokens: int = 4  # tokens proposed per verification pass (the bandit's largest depth)
     max_batch: int = 32  # speculate only while at most this many rows are running
     ngram: int = 3  # prompt_lookup: the longest suffix looked up in the row's own context
     # A verification pass costs more than a plain step: when the drafts kept per row and pass
-    # (a running mean) fall below this, speculation pauses for `backoff_steps` plain steps.
+    # (a running mean) fall below this, speculation pauses for `backoff_steps` plain steps
+    # (depth: fixed only; the bandit has a plain step among its arms).
     min_accept: float = 0.3
     backoff_steps: int = 16
+    depth: Literal["fixed", "bandit"] = "fixed"  # bandit: epsilon-greedy per batch-size bucket
+    epsilon: float = 0.1
+    # eagle: optimiser steps on the recorded features before the first rollout's drafts are
+    # used (init_steps) and after each rollout when online (train_steps); frozen: init only.
+    online: bool = True
+    init_steps: int = 200
+    train_steps: int = 20
+    drafter_lr: float = 3e-3
 
     def __post_init__(self) -> None:
-        if not isinstance(self.min_accept, (int, float)) or self.min_accept < 0:
-            raise ValueError(f"speculative.min_accept: expected a number >= 0, got {self.min_accept!r}")
-        if self.drafter != "prompt_lookup":
-            raise ValueError(f"speculative.drafter: unknown drafter {self.drafter!r}; known: ['prompt_lookup']")
+        for key in ("min_accept", "epsilon", "drafter_lr"):
+            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
+                raise ValueError(f"speculative.{key}: expected a number >= 0, got {getattr(self, key)!r}")
+        if self.drafter not in ("prompt_lookup", "eagle"):
+            raise ValueError(f"speculative.drafter: unknown drafter {self.drafter!r}; known: ['prompt_lookup', 'eagle']")
+        if self.depth not in ("fixed", "bandit"):
+            raise ValueError(f"speculative.depth: expected 'fixed' or 'bandit', got {self.depth!r}")
+        if not isinstance(self.online, bool):
+            raise ValueError(f"speculative.online: expected true or false, got {self.online!r}")
         for key in ("draft_tokens", "max_batch", "ngram", "backoff_steps"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"speculative.{key}: expected an integer >= 1, got {getattr(self, key)!r}")
+        for key in ("init_steps", "train_steps"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ValueError(f"speculative.{key}: expected an integer >= 0, got {getattr(self, key)!r}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None, where: str = "speculative") -> SpecConfig | None:
@@ -114,15 +134,23 @@ class PromptLookup:
 class FastEngine:
     """Decodes a batch of token-id prompts on `model` (a transformers causal LM, left as it is)."""
 
-    def __init__(self, model: Any, eos_ids: Sequence[int], pad_id: int, speculative: SpecConfig | None = None):
+    def __init__(self, model: Any, eos_ids: Sequence[int], pad_id: int, speculative: SpecConfig | None = None,
+                 state: Any = None):
+        from steps.core.drafter import SpecState
+
         self.model = model
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.pad_id = int(pad_id)
         self.spec = speculative
+        # The drafter and the bandit: the caller's when it keeps them across calls (an RL stage),
+        # else this engine's own.
+        self.state = state if state is not None or speculative is None else SpecState(
+            speculative, model.get_output_embeddings().in_features)
+        self._feats: Any = None  # the output layer's input at the last pass (eagle records it)
         # row_steps: rows decoded, summed over passes; drafted / accepted: draft tokens proposed
         # and kept over verification passes (mean accepted per pass = accepted / verify_row_passes)
         self.stats = {"forward_passes": 0, "row_steps": 0, "verify_passes": 0, "verify_row_passes": 0,
-                      "drafted": 0, "accepted": 0}
+                      "drafted": 0, "accepted": 0, "draft_seconds": 0.0}
 
     @property
     def device(self) -> Any:
@@ -138,8 +166,17 @@ class FastEngine:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("an empty prompt: every row needs at least one token")
-        with torch.inference_mode():
-            return _Run(self, prompts, seeds, temperature, top_p, max_new_tokens).decode()
+        hook = None
+        if self.state is not None and self.state.drafter is not None:
+            def keep_features(_module: Any, args: Any, _out: Any) -> None:
+                self._feats = args[0]  # (b, keep, d): the positions whose logits were kept
+            hook = self.model.get_output_embeddings().register_forward_hook(keep_features)
+        try:
+            with torch.inference_mode():
+                return _Run(self, prompts, seeds, temperature, top_p, max_new_tokens).decode()
+        finally:
+            if hook is not None:
+                hook.remove()
 
     def forward(self, ids: Any, mask: Any, pos: Any, cache: Any, keep: int = 1) -> Any:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -173,12 +210,19 @@ class _Run:
         self.alive = list(range(n))
         self.gen: list[list[int]] = [[] for _ in range(n)]
         self.finish: list[str] = ["length"] * n
-        self.drafter = PromptLookup(engine.spec.ngram) if engine.spec else None
+        spec, state = engine.spec, engine.state
+        self.lookup = PromptLookup(spec.ngram) if spec and spec.drafter == "prompt_lookup" else None
+        self.eagle = state.drafter if state is not None else None
+        self.bandit = state.bandit if state is not None else None
         self.accept_mean = None  # running mean of drafts kept per row and verification pass
         self.pause = 0  # plain steps left before speculation is tried again
-        if self.drafter:
+        if self.lookup:
             for r, p in enumerate(prompts):
-                self.drafter.add(r, p)
+                self.lookup.add(r, p)
+        # eagle: per row, every fed token and its feature (the drafter's training data), and the
+        # feature of the position that produced the row's pending token (where drafting starts).
+        self.rec: dict[int, tuple[list[int], list[Any]]] = {r: ([], []) for r in range(n)} if self.eagle else {}
+        self.feat: Any = None
 
     def decode(self) -> list[Generated]:
         import torch
@@ -190,21 +234,47 @@ class _Run:
         self.cache = DynamicCache(config=e.model.config)
         logits = e.forward(self.ids, self.mask, pos, self.cache)[:, -1]  # (B, V)
         self.nxt = pos[:, -1] + 1  # (B,) the next fed token's position
+        self._record(self.ids[:, -1:], [0] * len(self.alive))
         self.tok = self._draw(logits)
         self._advance([[t] for t in self.tok.tolist()])
         while self.alive:
-            spec = e.spec is not None and len(self.alive) <= e.spec.max_batch and self.pause == 0
+            b = len(self.alive)
+            spec = e.spec is not None and b <= e.spec.max_batch and self.pause == 0
             self.pause = max(0, self.pause - 1)
-            drafts = self._drafts() if spec else None
+            depth = (self.bandit.choose(b) if self.bandit else e.spec.draft_tokens) if spec else 0
+            t0 = time.perf_counter()
+            drafts = self._drafts(depth) if depth else None
             if drafts and any(drafts):
-                self._verify(drafts)
-                continue
-            self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.alive), 1))], dim=1)
-            logits = e.forward(self.tok.unsqueeze(1), self.mask, self.nxt.unsqueeze(1), self.cache)[:, -1]
-            self.nxt = self.nxt + 1
-            self.tok = self._draw(logits)
-            self._advance([[t] for t in self.tok.tolist()])
+                emitted = self._verify(drafts)
+            else:
+                self.mask = torch.cat([self.mask, self.mask.new_ones((b, 1))], dim=1)
+                logits = e.forward(self.tok.unsqueeze(1), self.mask, self.nxt.unsqueeze(1), self.cache)[:, -1]
+                self._record(self.tok.unsqueeze(1), [0] * b)
+                self.nxt = self.nxt + 1
+                self.tok = self._draw(logits)
+                emitted = [[t] for t in self.tok.tolist()]
+            if self.bandit is not None and spec:
+                self.bandit.update(b, depth, sum(len(o) for o in emitted), time.perf_counter() - t0)
+            self._advance(emitted)
+        if self.eagle is not None:
+            import torch as _t
+            self.eagle.record([(toks, _t.stack(feats)) for toks, feats in self.rec.values() if feats])
         return [Generated(tuple(g), f) for g, f in zip(self.gen, self.finish)]  # type: ignore[arg-type]
+
+    def _record(self, fed: Any, last: list[int]) -> None:
+        """eagle: keep each running row's fed tokens `fed` (b, k+1) up to and including column
+        last[i], with their features, and start the next drafts from column last[i]'s feature."""
+        if self.eagle is None:
+            return
+        import torch
+
+        feats = self.e._feats  # (b, k+1, d)
+        fed_rows = fed.tolist()
+        for i, r in enumerate(self.alive):
+            toks, fs = self.rec[r]
+            toks.extend(fed_rows[i][:last[i] + 1])
+            fs.extend(feats[i, :last[i] + 1])
+        self.feat = feats[torch.arange(len(self.alive), device=feats.device), torch.tensor(last, device=feats.device)]
 
     def _steps(self) -> Any:
         """(b,) each running row's generated position (the index of its next token)."""
@@ -215,12 +285,17 @@ class _Run:
     def _draw(self, logits: Any) -> Any:
         return self.sampler.draw(logits, self._steps()) if self.sampler else logits.argmax(-1)  # (b,)
 
-    def _drafts(self) -> list[list[int]]:
+    def _drafts(self, depth: int) -> list[list[int]]:
         # A row needs room for the drafts and the one token its verification adds.
-        return [self.drafter.propose(r, min(self.e.spec.draft_tokens, self.max_new - len(self.gen[r]) - 1))
-                for r in self.alive]
+        room = [max(0, min(depth, self.max_new - len(self.gen[r]) - 1)) for r in self.alive]
+        if self.eagle is None:
+            return [self.lookup.propose(r, k) for r, k in zip(self.alive, room)]
+        t0 = time.perf_counter()
+        proposed = self.eagle.propose(self.e.model, self.feat, self.tok, max(room)).tolist() if max(room) else []
+        self.e.stats["draft_seconds"] += time.perf_counter() - t0
+        return [p[:k] for p, k in zip(proposed, room)] if proposed else [[] for _ in room]
 
-    def _verify(self, drafts: list[list[int]]) -> None:
+    def _verify(self, drafts: list[list[int]]) -> list[list[int]]:
         """One pass over each row's last token and its drafts; each row keeps the drafts the
         policy agrees with and one token of the policy's own (the correction, or a bonus when all
         were kept). Greedy: a draft is kept while it is the argmax. Sampling (speculative sampling
@@ -273,16 +348,17 @@ class _Run:
         e.stats["accepted"] += sum(accepted)
         rate = sum(accepted) / b
         self.accept_mean = rate if self.accept_mean is None else 0.7 * self.accept_mean + 0.3 * rate
-        if self.accept_mean < e.spec.min_accept:
+        if self.bandit is None and self.accept_mean < e.spec.min_accept:
             self.pause, self.accept_mean = e.spec.backoff_steps, None
         # Fed columns beyond the last token and the kept drafts hold rejected (or padding)
         # tokens: masked from now on, and cut from the cache once no row needs the column.
         a = torch.tensor(accepted, device=self.dev)
         cols = torch.arange(k + 1, device=self.dev)
         self.mask[:, -(k + 1):] = (cols.unsqueeze(0) <= a.unsqueeze(1)).long()
+        self._record(block, accepted)
         self.nxt = self.nxt + a + 1
         self.tok = torch.tensor([o[-1] for o in emitted], device=self.dev)
-        self._advance(emitted)
+        return emitted
 
     def _advance(self, emitted: list[list[int]]) -> None:
         """Append each running row's new tokens (up to an end-of-sequence or the budget) and take
@@ -301,11 +377,11 @@ class _Run:
                     done = True
                     break
             if done:
-                if self.drafter:
-                    self.drafter.drop(r)
+                if self.lookup:
+                    self.lookup.drop(r)
                 continue
-            if self.drafter:
-                self.drafter.add(r, tokens)
+            if self.lookup:
+                self.lookup.add(r, tokens)
             keep.append(b)
         if len(keep) < len(self.alive):
             self.alive = [self.alive[b] for b in keep]
@@ -314,6 +390,8 @@ class _Run:
             sel = torch.tensor(keep, device=self.dev)
             self.cache.batch_select_indices(sel)
             self.mask, self.nxt, self.tok = self.mask[sel], self.nxt[sel], self.tok[sel]
+            if self.feat is not None:
+                self.feat = self.feat[sel]
             if self.sampler:
                 self.sampler.select(sel)
         self._drop_dead_columns()

@@ -236,8 +236,13 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
     from trl.models import unwrap_model_for_generation
 
     from steps.core.backends import SamplingParams, TransformersBackend, derive_seed
+    from steps.core.drafter import SpecState
+    from steps.core.engine import SpecConfig
     from steps.core.prompts import Prompt
     from steps.core.rollouts import make_rollout
+
+    spec = SpecConfig.from_options(cfg.speculative, "speculative") if cfg.engine == "fast" else None
+    states: list[SpecState] = []  # one for the run: the drafter follows the policy, the bandit learns
 
     def run(prompts: list[str], trainer: Any) -> dict[str, Any]:
         tok = trainer.processing_class
@@ -249,8 +254,11 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
             if getattr(trainer, "use_vllm", False):  # server mode: TRL has just pushed the live weights there
                 backend = TRLServerBackend(getattr(trainer.vllm_generation, "vllm_client", None), tok, acc)
             else:
+                if spec is not None and not states:
+                    states.append(SpecState(spec, model.get_output_embeddings().in_features, seed=cfg.seed))
                 backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts),
-                                              engine=cfg.engine, speculative=cfg.speculative or None)
+                                              engine=cfg.engine, speculative=cfg.speculative or None,
+                                              spec_state=states[0] if states else None)
             rollout = make_rollout(cfg.protocol, backend, **cfg.protocol_options)
             step = trainer.state.global_step
             # One seed per prompt occurrence: the K copies of a prompt must differ. The index is
@@ -261,7 +269,10 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
             sampling = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length,
                                       seed=derive_seed(cfg.seed, "rl", step))
             outs = [cs[0] for cs in rollout.run(ps, sampling)]
-        log_rollout_stats(trainer, outs)
+            # TLT: the drafter trains between steps on this rollout's features (timed in the step).
+            extra = states[0].after_rollout(model) if states else {}
+            engine_stats = getattr(backend, "last_stats", None)
+        log_rollout_stats(trainer, outs, {**extra, **speculation_stats(engine_stats)})
         eos = tok.eos_token_id
         completion_ids, masks = [], []
         for c in outs:
@@ -284,15 +295,28 @@ def rollout_stats(outs: list[Any]) -> dict[str, float]:
     return {f"rollout/{k}": sum(float(c.meta.get(k, 0)) for c in outs) / len(outs) for k in keys} if outs else {}
 
 
-def log_rollout_stats(trainer: Any, outs: list[Any]) -> None:
+def speculation_stats(stats: dict[str, Any] | None) -> dict[str, float]:
+    """The fast engine's speculation per step: drafts kept per row and verification pass (TLT's
+    accepted length less the one token a pass always yields), passes, drafting seconds."""
+    if not stats or not stats.get("verify_passes"):
+        return {}
+    return {"spec/accepted_per_pass": stats["accepted"] / stats["verify_row_passes"],
+            "spec/verify_passes": float(stats["verify_passes"]),
+            "spec/forward_passes": float(stats["forward_passes"]),
+            "spec/draft_seconds": float(stats.get("draft_seconds", 0.0))}
+
+
+def log_rollout_stats(trainer: Any, outs: list[Any], extra: dict[str, float] | None = None) -> None:
     """Into the train log beside the rewards: GRPOTrainer averages `_metrics["train"]` into each
     log line (trl 1.16), so a curve such as calls per member over training is a column of
-    train_log.csv. Each process logs its own slice's means."""
+    train_log.csv. Each process logs its own slice's means; `extra` adds per-step figures
+    (speculation, the drafter's training), NaN ones left out."""
     metrics = getattr(trainer, "_metrics", None)
     if metrics is None:  # another trainer: the rewards' columns are still logged
         return
-    for k, v in rollout_stats(outs).items():
-        metrics["train"][k].append(v)
+    for k, v in {**rollout_stats(outs), **(extra or {})}.items():
+        if v == v:
+            metrics["train"][k].append(v)
 
 
 def make_trainer_class(advantage: str, old_logp_override: Callable[[dict[str, Any]], Any] | None):
