@@ -19,12 +19,14 @@ outputs are token-identical to `model.generate`'s and sampled ones identical up 
 in the logits (a batch of another size may sum in another order); tests/test_engine.py checks
 both.
 
-Speculative decoding (`speculative: {draft_tokens, max_batch, ngram}`; off when empty): while at
-most `max_batch` rows run (the tail), a prompt-lookup drafter proposes tokens and the policy
+Speculative decoding (`speculative: {drafter, draft_tokens, max_batch, depth, ...}`; off when
+empty): while at most `max_batch` rows run (the tail), a drafter proposes tokens and the policy
 verifies them in one pass, exactly (`_Run._verify`). Greedy output stays token-identical to the
 policy's own; sampled output is distributed as the policy's (the draws differ from the plain
-engine's: an accept test uses a second stream). The draft depth is fixed; a trained drafter and
-a rule that picks the depth (the reference's bandit) are not built yet.
+engine's: an accept test uses a second stream). Drafters: `prompt_lookup` (the row's own
+n-grams) or `eagle`, TLT's drafter trained on the policy's features, which the engine records
+while it decodes (steps.core.drafter); the depth is fixed or picked per pass by a bandit
+(`depth: bandit`, TLT's bucketed epsilon-greedy).
 
 The back ends select it with `engine: fast` (steps.core.backends.TransformersBackend) and the
 RL stages with `engine: fast` in their params section (steps.core.rl.RLConfig).
