@@ -14,7 +14,11 @@ max_completion_length 160):
 - `fast`: steps.core.engine (`engine: fast`): finished rows leave the batch;
 - `fast_spec`: the same with speculative decoding (`speculative: {draft_tokens: K, max_batch: M}`),
   prompt-lookup drafts verified by the policy in one pass (exact: greedy identical, sampled
-  distributed as the policy's); its lines add the mean accepted drafts per row and pass.
+  distributed as the policy's); its lines add the mean accepted drafts per row and pass;
+- `fast_eagle`: the same with TLT's drafter (steps.core.drafter: an EAGLE-style block on the
+  policy's features, trained on what the warm-up rollout recorded, `init_steps`, then
+  `--eagle-train-steps` more after each timed rollout, counted in its time, as between RL steps)
+  and the draft depth picked by the bandit (`depth: bandit`).
 
 The policy is the embedded default's student shape (params.yaml pretrain_demo.student_arch),
 untrained, with the example tokenizer. An untrained model almost never ends a completion, so
@@ -49,7 +53,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("generate", "trl", "trl_cb", "fast", "fast_spec")
+ENGINES = ("generate", "trl", "trl_cb", "fast", "fast_spec", "fast_eagle")
 
 
 def length_pmf(profile: str, budget: int) -> list[float]:
@@ -158,15 +162,25 @@ def runner(engine: str, model: Any, tok: Any, tmp: Path, args: argparse.Namespac
     from steps.core.backends import SamplingParams, TransformersBackend
     from steps.core.prompts import Prompt
 
-    if engine in ("generate", "fast", "fast_spec"):
-        spec = {"draft_tokens": args.draft_tokens, "max_batch": args.spec_max_batch} if engine == "fast_spec" else None
+    if engine in ("generate", "fast", "fast_spec", "fast_eagle"):
+        from steps.core.drafter import SpecState
+        from steps.core.engine import SpecConfig
+
+        spec = {"draft_tokens": args.draft_tokens, "max_batch": args.spec_max_batch} if engine != "fast_eagle" else {
+            "drafter": "eagle", "depth": "bandit", "draft_tokens": args.draft_tokens,
+            "max_batch": args.spec_max_batch, "train_steps": args.eagle_train_steps}
+        state = SpecState(SpecConfig(**spec), model.get_output_embeddings().in_features) if engine == "fast_eagle" else None
         backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=args.prompts * args.k,
-                                      engine=engine.removesuffix("_spec"), speculative=spec)
+                                      engine="fast" if engine.startswith("fast") else engine,
+                                      speculative=spec if engine in ("fast_spec", "fast_eagle") else None,
+                                      spec_state=state)
 
         def run(texts: list[str], seed: int) -> list[int]:
             ps = [Prompt(messages=(), text=t, key=f"{seed}/{i}") for i, t in enumerate(texts)]
             outs = backend.generate(ps, SamplingParams(n=1, temperature=1.0, max_new_tokens=args.max_new_tokens,
                                                        seed=seed))
+            if state is not None:  # the drafter's training between steps is part of the cost
+                state.after_rollout(model)
             for key, v in getattr(backend, "last_stats", {}).items():
                 STATS[key] = STATS.get(key, 0) + v
             return [cs[0].completion_tokens for cs in outs]
@@ -195,6 +209,7 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--draft-tokens", type=int, default=4, help="fast_spec: tokens proposed per verification")
     ap.add_argument("--spec-max-batch", type=int, default=32, help="fast_spec: speculate while at most this many rows run")
+    ap.add_argument("--eagle-train-steps", type=int, default=10, help="fast_eagle: drafter steps after each rollout")
     ap.add_argument("--model", help="a trained policy directory (then the profile is its own: `trained`)")
     ap.add_argument("--data", help="with --model: a JSONL of example rows (data/ingest/train.jsonl)")
     args = ap.parse_args()
@@ -246,7 +261,7 @@ def main() -> None:
                         "tokens_per_run": tokens, "length_mean": round(statistics.mean(lengths), 1),
                         "length_p50": lengths[len(lengths) // 2], "length_p90": lengths[int(len(lengths) * 0.9)],
                         "length_max": lengths[-1], "length_min": lengths[0]}
-                if engine == "fast_spec" and STATS.get("verify_row_passes"):
+                if engine in ("fast_spec", "fast_eagle") and STATS.get("verify_row_passes"):
                     line.update(accepted_per_row_pass=round(STATS["accepted"] / STATS["verify_row_passes"], 3),
                                 forward_passes_per_run=STATS["forward_passes"] / args.repeats,
                                 draft_tokens=args.draft_tokens, spec_max_batch=args.spec_max_batch)
@@ -260,7 +275,12 @@ def main() -> None:
                     ratios[f"{profile}/{engine}_vs_{base}"] = round(line["tokens_per_s"] / by[base]["tokens_per_s"], 2)
                     cpu_ratios[f"{profile}/{engine}_vs_{base}"] = round(
                         line["cpu_tokens_per_s"] / by[base]["cpu_tokens_per_s"], 2)
-    print(json.dumps({"ratios_tokens_per_s": ratios, "ratios_cpu_tokens_per_s": cpu_ratios, "threads": args.threads, "repeats": args.repeats,
+    headline = {}  # the figures: the online drafter's tokens/s over TRL's two paths
+    for profile, by in results.items():
+        for base, key in (("trl", "rollout_speedup"), ("trl_cb", "rollout_speedup_vs_cb")):
+            if "fast_eagle" in by and base in by:
+                headline[f"{profile}/{key}"] = round(by["fast_eagle"]["tokens_per_s"] / by[base]["tokens_per_s"], 2)
+    print(json.dumps({**headline, "ratios_tokens_per_s": ratios, "ratios_cpu_tokens_per_s": cpu_ratios, "threads": args.threads, "repeats": args.repeats,
                       "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()}))
 
 

@@ -231,9 +231,9 @@ EAGLE = {"drafter": "eagle", "draft_tokens": 3, "max_batch": 64, "min_accept": 0
 
 
 def test_eagle_drafts_keep_greedy_identical_and_training_on_the_policys_features_raises_acceptance(backends):
-    """An untrained drafter proposes noise (almost nothing kept); one trained on the features the
-    engine recorded while decoding (no extra policy pass) has its drafts kept far more often;
-    either way the greedy output is the policy's own, token for token."""
+    """An untrained drafter does not draft (it would propose noise): its first call only records
+    the policy's features (no extra policy pass); trained on them, its drafts are kept; either way
+    the greedy output is the policy's own, token for token."""
     from steps.core.drafter import SpecState
 
     slow, _, prompts = backends
@@ -244,13 +244,14 @@ def test_eagle_drafts_keep_greedy_identical_and_training_on_the_policys_features
     sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
     reference = _flat(slow.generate(prompts, sampling))
     assert _flat(eagle.generate(prompts, sampling)) == reference
-    before = eagle.last_stats["accepted"] / eagle.last_stats["verify_row_passes"]
+    assert eagle.last_stats["verify_passes"] == 0  # untrained: no drafts
     assert state.drafter.buffered > 0  # recorded while decoding
     fit = state.after_rollout(slow.model)  # init_steps on the buffer
     assert fit["drafter/seconds"] > 0 and fit["drafter/top1"] > 0.5
     assert _flat(eagle.generate(prompts, sampling)) == reference
-    after = eagle.last_stats["accepted"] / eagle.last_stats["verify_row_passes"]
-    assert after > before + 0.5, (before, after)
+    st = eagle.last_stats
+    after = st["accepted"] / st["verify_row_passes"]
+    assert after > 0.5 and st["accepted"] < st["drafted"], after  # kept often, not always
     # Frozen: trained once, never again; online: every call trains train_steps more.
     frozen = SpecState(SpecConfig(**{**EAGLE, "online": False, "init_steps": 5}), 32)
     frozen.drafter.record([(__import__("torch").tensor([1, 2, 3]), __import__("torch").zeros(3, 32))])
@@ -268,6 +269,9 @@ def test_bandit_speculation_keeps_greedy_identical(backends, drafter):
     spec = make_backend("transformers", model="unused", model_obj=slow.model, tokenizer_obj=slow.tokenizer,
                         batch_size=64, engine="fast", speculative=opts, spec_state=state)
     sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+    if drafter == "eagle":  # trained first: an untrained drafter does not draft
+        spec.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=16))
+        state.after_rollout(slow.model)
     assert _flat(spec.generate(prompts, sampling)) == _flat(slow.generate(prompts, sampling))
     tried = {arm for (_, arm) in state.bandit.counts}
     assert tried == {0, 1, 2, 3}  # every depth was tried, the plain step (0) among them
@@ -287,6 +291,11 @@ def test_depth_bandit_rules():
     assert bandit.choose(8) == 0  # a new bucket starts over
     bandit.update(4, 1, 0, 1.0)  # depth 1's mean falls to 15, below depth 2's 20
     assert bandit.choose(4) == 2 and bandit.best() == {4: 2}
+    # Only the last `window` pulls count: the drafter keeps changing what a depth is worth.
+    short = DepthBandit(max_depth=1, epsilon=0.0, window=2)
+    for arm, tokens in ((0, 10), (1, 5), (1, 30), (1, 30)):  # depth 1: 5 forgotten, then 30, 30
+        short.update(1, arm, tokens, 1.0)
+    assert short.value(1, 1) == 30 and short.choose(1) == 1
     # epsilon 1: always a random arm.
     explorer = DepthBandit(max_depth=2, epsilon=1.0, seed=0)
     for arm in range(3):

@@ -28,14 +28,18 @@ Departures from the reference (fastrl's EAGLE layer), and why:
 **The bandit**: bucketed epsilon-greedy, as the reference's. Buckets are powers of two of the
 running batch size; arms are draft depths 0..draft_tokens, 0 being a plain step (no drafting),
 so the bandit can also learn that speculation does not pay at a batch size. Reward: tokens
-emitted per second of the pass (drafting included); the reference scores accepted tokens x batch
-size / step time, which gives a plain step no score to compare against.
+emitted per second of the pass (drafting included), averaged over each arm's last pulls; the
+reference scores accepted tokens x batch size / step time, which gives a plain step no score to
+compare against. An eagle drafter that has never been trained does not draft (it would propose
+noise, and the bandit would learn from it that speculation does not pay): its first rollout only
+records features.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,8 +78,9 @@ class Drafter:
     def __init__(self, hidden_size: int, lr: float = 3e-3, buffer_tokens: int = 50_000, batch_size: int = 1024,
                  seed: int = 0):
         torch = _torch()
-        gen = torch.random.fork_rng()  # the drafter's init must not move the caller's RNG stream
-        with gen:
+        # Its own seed without moving the caller's RNG stream; never inference tensors, even when
+        # built inside an inference_mode block (they could not train).
+        with torch.random.fork_rng(), torch.inference_mode(False):
             torch.manual_seed(seed)
             self.block = make_block(hidden_size)
         self.opt = torch.optim.AdamW(self.block.parameters(), lr=lr, weight_decay=0.0)
@@ -195,39 +200,46 @@ def policy_features(policy: Any, sequences: Sequence[Sequence[int]], batch_size:
 class DepthBandit:
     """Bucketed epsilon-greedy over draft depths 0..max_depth (0: a plain step): per bucket of
     the running batch size (powers of two), each arm is tried once, then the best mean reward
-    (tokens emitted per second) is taken, a random arm with probability epsilon."""
+    (tokens emitted per second) over its last `window` pulls is taken, a random arm with
+    probability epsilon. A window, not the mean of all pulls: the drafter keeps learning, so a
+    depth that did not pay under the drafter of an hour ago may pay now."""
 
-    def __init__(self, max_depth: int, epsilon: float = 0.1, seed: int = 0):
+    def __init__(self, max_depth: int, epsilon: float = 0.1, seed: int = 0, window: int = 16):
         self.arms = list(range(max_depth + 1))
-        self.epsilon = epsilon
+        self.epsilon, self.window = epsilon, window
         self.rng = random.Random(seed)
-        self.sums: dict[tuple[int, int], float] = {}
-        self.counts: dict[tuple[int, int], int] = {}
+        self.rewards: dict[tuple[int, int], deque[float]] = {}
 
     @staticmethod
     def bucket(batch: int) -> int:
         return 1 << max(0, math.ceil(math.log2(max(1, batch))))
 
+    def value(self, bucket: int, arm: int) -> float:
+        r = self.rewards[(bucket, arm)]
+        return sum(r) / len(r)
+
     def choose(self, batch: int) -> int:
         b = self.bucket(batch)
-        untried = [a for a in self.arms if (b, a) not in self.counts]
+        untried = [a for a in self.arms if (b, a) not in self.rewards]
         if untried:
             return untried[0]
         if self.rng.random() < self.epsilon:
             return self.rng.choice(self.arms)
-        return max(self.arms, key=lambda a: (self.sums[(b, a)] / self.counts[(b, a)], -a))
+        return max(self.arms, key=lambda a: (self.value(b, a), -a))
 
     def update(self, batch: int, depth: int, tokens: int, seconds: float) -> None:
         key = (self.bucket(batch), depth)
-        self.sums[key] = self.sums.get(key, 0.0) + tokens / max(seconds, 1e-9)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.rewards.setdefault(key, deque(maxlen=self.window)).append(tokens / max(seconds, 1e-9))
+
+    @property
+    def counts(self) -> dict[tuple[int, int], int]:
+        return {k: len(v) for k, v in self.rewards.items()}
 
     def best(self) -> dict[int, int]:
-        """Per bucket, the arm with the best mean reward so far (for logs and the README)."""
+        """Per bucket, the arm with the best windowed reward so far (for logs and the README)."""
         out: dict[int, int] = {}
-        for b in sorted({b for b, _ in self.counts}):
-            arms = [a for a in self.arms if (b, a) in self.counts]
-            out[b] = max(arms, key=lambda a: self.sums[(b, a)] / self.counts[(b, a)])
+        for b in sorted({b for b, _ in self.rewards}):
+            out[b] = max((a for a in self.arms if (b, a) in self.rewards), key=lambda a: self.value(b, a))
         return out
 
 
@@ -238,7 +250,7 @@ class SpecState:
 
     def __init__(self, spec: Any, hidden_size: int | None = None, seed: int = 0):
         self.spec = spec
-        self.drafter = (Drafter(hidden_size, lr=spec.drafter_lr, seed=seed)
+        self.drafter = (Drafter(hidden_size, lr=spec.drafter_lr, batch_size=spec.drafter_batch, seed=seed)
                         if spec.drafter == "eagle" and hidden_size else None)
         self.bandit = DepthBandit(spec.draft_tokens, spec.epsilon, seed) if spec.depth == "bandit" else None
         self.fits = 0

@@ -66,7 +66,8 @@ class SpecConfig:
     # used (init_steps) and after each rollout when online (train_steps); frozen: init only.
     online: bool = True
     init_steps: int = 200
-    train_steps: int = 20
+    train_steps: int = 10
+    drafter_batch: int = 512
     drafter_lr: float = 3e-3
 
     def __post_init__(self) -> None:
@@ -79,7 +80,7 @@ class SpecConfig:
             raise ValueError(f"speculative.depth: expected 'fixed' or 'bandit', got {self.depth!r}")
         if not isinstance(self.online, bool):
             raise ValueError(f"speculative.online: expected true or false, got {self.online!r}")
-        for key in ("draft_tokens", "max_batch", "ngram", "backoff_steps"):
+        for key in ("draft_tokens", "max_batch", "ngram", "backoff_steps", "drafter_batch"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"speculative.{key}: expected an integer >= 1, got {getattr(self, key)!r}")
         for key in ("init_steps", "train_steps"):
@@ -241,7 +242,8 @@ class _Run:
         self._advance([[t] for t in self.tok.tolist()])
         while self.alive:
             b = len(self.alive)
-            spec = e.spec is not None and b <= e.spec.max_batch and self.pause == 0
+            spec = (e.spec is not None and b <= e.spec.max_batch and self.pause == 0
+                    and (self.eagle is None or self.eagle.trained_steps > 0))  # an untrained drafter only records
             self.pause = max(0, self.pause - 1)
             depth = (self.bandit.choose(b) if self.bandit else e.spec.draft_tokens) if spec else 0
             t0 = time.perf_counter()

@@ -1,0 +1,153 @@
+"""Benchmark: TLT's fast rollouts inside a real GRPO run, side by side in one invocation.
+
+    .venv/bin/python -m bench.tlt_grpo --steps 50                   # needs data/rft/model (dvc repro rft)
+    .venv/bin/python -m bench.tlt_grpo --steps 50 --configs generate,online
+
+Each config runs the grpo stage itself (`python -m steps.grpo`, a process of its own, params.yaml's
+grpo section with `max_steps` and the rollout engine overridden) from the same RFT policy, seed and
+prompts, one after the other:
+
+- `generate`: the stage's default rollout, transformers' `model.generate` (what TRL's default
+  generation runs on this machine);
+- `fast`: steps.core.engine, finished rows leave the batch, no speculation;
+- `frozen`: the engine with the EAGLE-style drafter trained once (on the first rollout's
+  features, `init_steps`) and never again, the draft depth picked by the bandit;
+- `online`: the same drafter trained `train_steps` more after every rollout (TLT).
+
+Step time is TRL's own `step_time` (rollout, the drafter's training, the loss and the optimiser
+step); acceptance is drafts kept per row and verification pass (`spec/accepted_per_pass`; TLT's
+accepted length less the one token a pass always yields). Prints one JSON line per config and a
+last line with `step_speedup` (median step time of `generate` over `online`), `step_speedup_fast`,
+`acceptance_online` and `acceptance_frozen` (mean over the last 10 steps), and the ratios of
+rollout tokens per second of step time; draws reports/plots/tlt_grpo.png (acceptance and step
+time over training).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SPEC = {"drafter": "eagle", "depth": "bandit", "draft_tokens": 4, "max_batch": 32, "epsilon": 0.1}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "generate": {"engine": "generate", "speculative": {}},
+    "fast": {"engine": "fast", "speculative": {}},
+    "frozen": {"engine": "fast", "speculative": {**SPEC, "online": False}},
+    "online": {"engine": "fast", "speculative": {**SPEC, "online": True}},
+}
+
+
+def read_log(path: Path) -> list[dict[str, float]]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in rows]
+
+
+def summarise(name: str, log: list[dict[str, float]], wall_s: float, tail: int) -> dict[str, Any]:
+    steps = [r for r in log if "step_time" in r]
+    times = [r["step_time"] for r in steps]
+    lengths = [r.get("completions/mean_length", 0.0) for r in steps]
+    acc = [r["spec/accepted_per_pass"] for r in steps if "spec/accepted_per_pass" in r]
+    line: dict[str, Any] = {
+        "config": name, "steps": len(steps), "wall_s": round(wall_s, 1),
+        "step_time_median": round(statistics.median(times), 3), "step_time_mean": round(statistics.mean(times), 3),
+        "completion_length_mean": round(statistics.mean(lengths), 1),
+        # 32 completions per step: rollout tokens per second of whole step time
+        "tokens_per_step_s": round(statistics.mean(lengths) * 32 / statistics.mean(times), 1),
+        "reward_last10": round(statistics.mean(r.get("reward", 0.0) for r in steps[-10:]), 3),
+    }
+    if acc:
+        line.update(acceptance_first10=round(statistics.mean(acc[:10]), 3),
+                    acceptance_last10=round(statistics.mean(acc[-tail:]), 3))
+        drafter = [r["drafter/seconds"] for r in steps if "drafter/seconds" in r]
+        line["drafter_seconds_per_step"] = round(statistics.mean(drafter), 3) if drafter else 0.0
+    return line
+
+
+def plot(logs: dict[str, list[dict[str, float]]], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, log in logs.items():
+        steps = [r for r in log if "step_time" in r]
+        b.plot([r["step"] for r in steps], [r["step_time"] for r in steps], label=name, lw=1)
+        acc = [(r["step"], r["spec/accepted_per_pass"]) for r in steps if "spec/accepted_per_pass" in r]
+        if acc:
+            a.plot(*zip(*acc), label=name, lw=1)
+    a.set(title="drafts kept per row and verification pass", xlabel="GRPO step")
+    b.set(title="GRPO step time (s)", xlabel="GRPO step")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--rft", default=str(ROOT / "data/rft/model"))
+    ap.add_argument("--data", default=str(ROOT / "data/ingest/train.jsonl"))
+    ap.add_argument("--tail", type=int, default=10, help="steps averaged for the final acceptance")
+    ap.add_argument("--plot", default=str(ROOT / "reports/plots/tlt_grpo.png"))
+    ap.add_argument("--keep", help="a directory to keep each run's output in (default: a temporary one)")
+    args = ap.parse_args()
+    names = [c for c in args.configs.split(",") if c]
+    if unknown := set(names) - set(CONFIGS):
+        ap.error(f"--configs: unknown {sorted(unknown)}; known: {list(CONFIGS)}")
+    if not Path(args.rft).is_dir():
+        ap.error(f"--rft {args.rft}: no such model directory (dvc repro --single-item rft makes it)")
+    params = yaml.safe_load(Path(args.params).read_text())
+    results, logs = {}, {}
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        base = Path(args.keep or tmp_dir)
+        for name in names:
+            p = {**params, "grpo": {**params["grpo"], "max_steps": args.steps, **CONFIGS[name]}}
+            work = base / name
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+            env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "steps.grpo", "--params", str(work / "params.yaml"),
+                            "--data", args.data, "--rft", args.rft, "--out", str(work / "out")],
+                           cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+            logs[name] = read_log(work / "out" / "train_log.csv")
+            results[name] = summarise(name, logs[name], time.perf_counter() - t0, args.tail)
+            print(json.dumps(results[name]), flush=True)
+    plot(logs, Path(args.plot))
+    last: dict[str, Any] = {"steps": args.steps, "plot": args.plot}
+    if "generate" in results:
+        g = results["generate"]
+        for name in ("fast", "frozen", "online"):
+            if name in results:
+                key = "step_speedup" if name == "online" else f"step_speedup_{name}"
+                last[key] = round(g["step_time_median"] / results[name]["step_time_median"], 2)
+                last[f"tokens_per_step_s_ratio_{name}"] = round(
+                    results[name]["tokens_per_step_s"] / g["tokens_per_step_s"], 2)
+    for name in ("online", "frozen"):
+        if "acceptance_last10" in results.get(name, {}):
+            last[f"acceptance_{name}"] = results[name]["acceptance_last10"]
+    print(json.dumps(last))
+
+
+if __name__ == "__main__":
+    main()
