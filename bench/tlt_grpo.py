@@ -69,9 +69,13 @@ def summarise(name: str, log: list[dict[str, float]], wall_s: float, tail: int) 
         "tokens_per_step_s": round(statistics.mean(lengths) * 32 / statistics.mean(times), 1),
         "reward_last10": round(statistics.mean(r.get("reward", 0.0) for r in steps[-10:]), 3),
     }
-    if acc:
-        line.update(acceptance_first10=round(statistics.mean(acc[:10]), 3),
-                    acceptance_last10=round(statistics.mean(acc[-tail:]), 3))
+    if acc:  # rows are logged every 5 steps (each the mean of its steps): first / last `tail` steps
+        last_step = max(r["step"] for r in steps)
+        first = [r["spec/accepted_per_pass"] for r in steps if "spec/accepted_per_pass" in r and r["step"] <= tail]
+        last = [r["spec/accepted_per_pass"] for r in steps
+                if "spec/accepted_per_pass" in r and r["step"] > last_step - tail]
+        line.update(acceptance_first10=round(statistics.mean(first or acc[:1]), 3),
+                    acceptance_last10=round(statistics.mean(last or acc[-1:]), 3))
         drafter = [r["drafter/seconds"] for r in steps if "drafter/seconds" in r]
         line["drafter_seconds_per_step"] = round(statistics.mean(drafter), 3) if drafter else 0.0
     return line
