@@ -16,9 +16,11 @@ max_completion_length 160):
   prompt-lookup drafts verified by the policy in one pass (exact: greedy identical, sampled
   distributed as the policy's); its lines add the mean accepted drafts per row and pass;
 - `fast_eagle`: the same with TLT's drafter (steps.core.drafter: an EAGLE-style block on the
-  policy's features, trained on what the warm-up rollout recorded, `init_steps`, then
-  `--eagle-train-steps` more after each timed rollout, counted in its time, as between RL steps)
-  and the draft depth picked by the bandit (`depth: bandit`).
+  policy's features, trained on what the warm-up rollouts recorded, `init_steps`, then
+  `--eagle-train-steps` more after each rollout, counted in its time, as between RL steps) and
+  the draft depth picked by the bandit (`depth: bandit`). `--eagle-warmup` full rollouts (other
+  seeds) come first, untimed, as the RL steps before the measured one: the drafter and the bandit
+  at steady state, as in a GRPO run after its first steps.
 
 The policy is the embedded default's student shape (params.yaml pretrain_demo.student_arch),
 untrained, with the example tokenizer. An untrained model almost never ends a completion, so
@@ -210,6 +212,7 @@ def main() -> None:
     ap.add_argument("--draft-tokens", type=int, default=4, help="fast_spec: tokens proposed per verification")
     ap.add_argument("--spec-max-batch", type=int, default=32, help="fast_spec: speculate while at most this many rows run")
     ap.add_argument("--eagle-train-steps", type=int, default=10, help="fast_eagle: drafter steps after each rollout")
+    ap.add_argument("--eagle-warmup", type=int, default=10, help="fast_eagle: untimed rollouts (RL steps) first")
     ap.add_argument("--model", help="a trained policy directory (then the profile is its own: `trained`)")
     ap.add_argument("--data", help="with --model: a JSONL of example rows (data/ingest/train.jsonl)")
     args = ap.parse_args()
@@ -239,6 +242,9 @@ def main() -> None:
                     run = runner(engine, model, tok, tmp, args)
                     model.eval()
                     run(texts[: args.k], seed=999)  # warm-up
+                    if engine == "fast_eagle":
+                        for w in range(args.eagle_warmup):
+                            run(texts, seed=1000 + w)
                     STATS.clear()
                     times, cpu, lengths = [], [], []
                     for r in range(args.repeats):

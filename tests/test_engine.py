@@ -181,6 +181,7 @@ def test_speculative_options_are_checked_by_name(backends):
 
 
 @pytest.mark.parametrize("temperature,top_p,drafter", [(1.0, 1.0, "prompt_lookup"), (1.0, 1.0, "eagle"),
+                                                        (1.0, 1.0, "eagle_untrained"),
                                                         pytest.param(1.5, 0.9, "prompt_lookup", marks=pytest.mark.slow)])
 def test_speculative_sampling_follows_the_policys_distribution(temperature, top_p, drafter):
     """A 6-token vocabulary, a prompt the drafter finds its suffix in, 10,000 rows of 3 sampled
@@ -199,9 +200,12 @@ def test_speculative_sampling_follows_the_policys_distribution(temperature, top_
     cfg = Qwen3Config(vocab_size=V, pad_token_id=0, eos_token_id=None, bos_token_id=None, initializer_range=0.6,
                       **{k: v for k, v in TINY_DENSE.items() if k != "type"})
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    spec = SpecConfig(drafter=drafter, draft_tokens=2, max_batch=n, ngram=2, min_accept=0.0, init_steps=50)
+    spec = SpecConfig(drafter=drafter.removesuffix("_untrained"), draft_tokens=2, max_batch=n, ngram=2,
+                      min_accept=0.0, init_steps=3)
     engine = FastEngine(model, eos_ids=[], pad_id=0, speculative=spec)
-    if drafter == "eagle":  # a drafter trained on the policy's own draws, so that drafts are kept and rejected
+    if drafter == "eagle_untrained":  # made to draft: its drafts are mostly rejected, so most tokens
+        engine.state.drafter.trained_steps = 1  # come from the residual
+    if drafter == "eagle":  # a drafter trained on the policy's own draws: q near p, drafts mostly kept
         engine.generate([prompt] * 512, seeds=list(range(n, n + 512)), temperature=temperature, top_p=top_p,
                         max_new_tokens=3)
         engine.state.after_rollout(model)
@@ -222,7 +226,7 @@ def test_speculative_sampling_follows_the_policys_distribution(temperature, top_
     tv = 0.5 * sum(abs(counts.get(s, 0) / n - q) for s, q in exact.items())
     # Measured: 0.012 and 0.011; with the residual left as p (the rejected draft not removed)
     # 0.046 and 0.054.
-    assert tv < 0.03, f"total variation {tv:.3f}"
+    assert tv < 0.025, f"total variation {tv:.3f}"
 
 
 # --- TLT's learned pieces: the online drafter (EAGLE-style) and the depth bandit -----------------
