@@ -114,7 +114,11 @@ def main() -> None:
     ap.add_argument("--tail", type=int, default=10, help="steps averaged for the final acceptance")
     ap.add_argument("--plot", default=str(ROOT / "reports/plots/tlt_grpo.png"))
     ap.add_argument("--keep", help="a directory to keep each run's output in (default: a temporary one)")
+    ap.add_argument("--spec", default="{}", help='JSON merged into frozen and online\'s speculative options, '
+                                                 'e.g. \'{"train_steps": 30}\'')
     args = ap.parse_args()
+    for name in ("frozen", "online"):
+        CONFIGS[name]["speculative"].update(json.loads(args.spec))
     names = [c for c in args.configs.split(",") if c]
     if unknown := set(names) - set(CONFIGS):
         ap.error(f"--configs: unknown {sorted(unknown)}; known: {list(CONFIGS)}")
