@@ -18,9 +18,10 @@ max_completion_length 160):
 - `fast_eagle`: the same with TLT's drafter (steps.core.drafter: an EAGLE-style block on the
   policy's features, trained on what the warm-up rollouts recorded, `init_steps`, then
   `--eagle-train-steps` more after each rollout, counted in its time, as between RL steps) and
-  the draft depth picked by the bandit (`depth: bandit`). `--eagle-warmup` full rollouts (other
-  seeds) come first, untimed, as the RL steps before the measured one: the drafter and the bandit
-  at steady state, as in a GRPO run after its first steps.
+  the draft depth picked by the bandit (`depth: bandit`). `--eagle-warmup` full rollouts come first,
+  untimed, on other prompts (with `--model`, the rows after the timed ones), as the RL steps before
+  the measured one: the drafter and the bandit at steady state, as in a GRPO run after its first
+  steps, without having seen the timed prompts.
 
 The policy is the embedded default's student shape (params.yaml pretrain_demo.student_arch),
 untrained, with the example tokenizer. An untrained model almost never ends a completion, so
@@ -231,7 +232,12 @@ def main() -> None:
         tmp = Path(tmp_dir)
         profiles = ["trained"] if args.model else args.profiles.split(",")
         for profile in profiles:
-            model, tok, prompts, imposed = build_policy(tmp / profile, args.model, args.data, args.prompts)
+            # With a trained policy, the drafter's warm-up rollouts take other prompts than the
+            # timed ones (the rows after them), as RL steps do: a drafter that has seen the timed
+            # prompts' continuations would be kept more often than in training.
+            extra = args.prompts * args.eagle_warmup if args.model else 0
+            model, tok, prompts, imposed = build_policy(tmp / profile, args.model, args.data, args.prompts + extra)
+            prompts, warm_prompts = prompts[:args.prompts], prompts[args.prompts:]
             model.config.output_router_logits = False
             if imposed:
                 LengthHook(model, tok.eos_token_id, len(tok(prompts[0], add_special_tokens=False)["input_ids"]),
@@ -244,7 +250,8 @@ def main() -> None:
                     run(texts[: args.k], seed=999)  # warm-up
                     if engine == "fast_eagle":
                         for w in range(args.eagle_warmup):
-                            run(texts, seed=1000 + w)
+                            chunk = warm_prompts[w * args.prompts:(w + 1) * args.prompts] or prompts
+                            run([p for p in chunk for _ in range(args.k)], seed=1000 + w)
                     STATS.clear()
                     times, cpu, lengths = [], [], []
                     for r in range(args.repeats):
