@@ -160,6 +160,19 @@ def trl_trainer(model: Any, tok: Any, tmp: Path, args: argparse.Namespace, cb: b
 STATS: dict[str, int] = {}  # the engine's counters, summed over the timed runs
 
 
+def init_sequences(tok: Any, args: argparse.Namespace) -> list[list[int]]:
+    """TLT's initialisation from the RFT data: prompt + kept completion token ids of up to
+    `--eagle-init-rows` judge-kept candidates, leaving out the timed prompts' examples."""
+    from steps.core.io import read_jsonl
+    from steps.rft import sft_rows
+
+    examples = read_jsonl(args.data)
+    timed = {e["id"] for e in examples[: args.prompts]}
+    kept = [k for k in read_jsonl(args.eagle_init_data) if k["id"] not in timed][: args.eagle_init_rows]
+    rows = sft_rows(examples, kept, tok, {})
+    return [tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"] for r in rows]
+
+
 def runner(engine: str, model: Any, tok: Any, tmp: Path, args: argparse.Namespace):
     """A function: prompt texts (each already repeated k times) -> completion lengths."""
     from steps.core.backends import SamplingParams, TransformersBackend
@@ -173,6 +186,11 @@ def runner(engine: str, model: Any, tok: Any, tmp: Path, args: argparse.Namespac
             "drafter": "eagle", "depth": "bandit", "draft_tokens": args.draft_tokens,
             "max_batch": args.spec_max_batch, "train_steps": args.eagle_train_steps}
         state = SpecState(SpecConfig(**spec), model.get_output_embeddings().in_features) if engine == "fast_eagle" else None
+        if state is not None and args.eagle_init_data:
+            t0 = time.perf_counter()
+            fit = state.warm_start(model, init_sequences(tok, args))
+            print(json.dumps({"engine": engine, "warm_start_s": round(time.perf_counter() - t0, 1),
+                              **{k: round(v, 3) for k, v in fit.items()}}), flush=True)
         backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=args.prompts * args.k,
                                       engine="fast" if engine.startswith("fast") else engine,
                                       speculative=spec if engine in ("fast_spec", "fast_eagle") else None,
@@ -214,6 +232,9 @@ def main() -> None:
     ap.add_argument("--spec-max-batch", type=int, default=32, help="fast_spec: speculate while at most this many rows run")
     ap.add_argument("--eagle-train-steps", type=int, default=10, help="fast_eagle: drafter steps after each rollout")
     ap.add_argument("--eagle-warmup", type=int, default=10, help="fast_eagle: untimed rollouts (RL steps) first")
+    ap.add_argument("--eagle-init-data", help="fast_eagle: judge-kept candidates (data/judge/kept.jsonl) the drafter "
+                                              "is first trained on, as TLT initialises it from the RFT data")
+    ap.add_argument("--eagle-init-rows", type=int, default=512)
     ap.add_argument("--model", help="a trained policy directory (then the profile is its own: `trained`)")
     ap.add_argument("--data", help="with --model: a JSONL of example rows (data/ingest/train.jsonl)")
     args = ap.parse_args()
