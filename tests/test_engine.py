@@ -148,6 +148,49 @@ def test_an_rl_stage_keeps_one_drafter_that_trains_between_steps_and_logs_it(bac
     assert trained == 30 + 7 + 7
 
 
+def test_an_rl_stage_initialises_its_drafter_from_rft_data_once(backends, tmp_path):
+    """`speculative.init_data`: the drafter trains init_steps on the policy's features of the
+    judge-kept traces (prompt + completion) before the first rollout's drafts, once per run; an
+    id the examples file lacks is an error naming both files."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from steps.core.drafter import rft_sequences
+    from steps.core.io import write_jsonl
+    from steps.core.rl import RLConfig, rollout_func
+
+    slow, _, prompts = backends
+    rows = examples()
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "kept.jsonl", [{"id": e["id"], "completion": "<think> a b </think> the answer is x ."}
+                                         for e in rows])
+    trainer = SimpleNamespace(processing_class=slow.tokenizer, model=slow.model, model_wrapped=slow.model,
+                              state=SimpleNamespace(global_step=0), accelerator=Accelerator(cpu=True),
+                              args=SimpleNamespace(ds3_gather_for_generation=True),
+                              _metrics={"train": defaultdict(list)})
+    cfg = RLConfig(rewards={"format": {}}, engine="fast", max_completion_length=8,
+                   speculative={**EAGLE, "init_steps": 12, "train_steps": 3, "init_data": str(tmp_path / "kept.jsonl"),
+                                "init_examples": str(tmp_path / "train.jsonl")})
+    run = rollout_func(cfg)
+    texts = [p.text for p in prompts[:2] for _ in range(2)]
+    for step in range(2):
+        run(texts, trainer)
+    logged = trainer._metrics["train"]
+    assert len(logged["drafter/seconds_init"]) == 1 and logged["drafter/top1_init"][0] >= 0
+    state = [c.cell_contents for c in run.__closure__ if isinstance(c.cell_contents, list) and c.cell_contents
+             and hasattr(c.cell_contents[0], "drafter")][0][0]
+    assert state.drafter.trained_steps == 12 + 3 + 3  # the init, then train_steps after each rollout
+    seqs = rft_sequences(str(tmp_path / "kept.jsonl"), str(tmp_path / "train.jsonl"), slow.tokenizer, 3)
+    assert len(seqs) == 3 and all(len(q) > 20 for q in seqs)
+    write_jsonl(tmp_path / "few.jsonl", rows[:2])
+    with pytest.raises(ValueError, match="kept.jsonl: ids not in .*few.jsonl"):
+        rft_sequences(str(tmp_path / "kept.jsonl"), str(tmp_path / "few.jsonl"), slow.tokenizer, 10)
+    with pytest.raises(ValueError, match="init_data and init_examples go together"):
+        SpecConfig.from_options({"drafter": "eagle", "init_data": "kept.jsonl"})
+
+
 # --- Speculative decoding (prompt-lookup drafts, verified in one pass) ---------------------------
 
 SPEC = {"draft_tokens": 3, "max_batch": 64, "ngram": 2, "min_accept": 0.0}  # always speculate

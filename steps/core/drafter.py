@@ -169,6 +169,26 @@ class Drafter:
                 "drafter/seconds": time.perf_counter() - t0}
 
 
+def rft_sequences(kept_path: str, examples_path: str, tokenizer: Any, limit: int,
+                  chat_template_kwargs: dict[str, Any] | None = None) -> list[list[int]]:
+    """Token ids of prompt + completion for up to `limit` judge-kept candidates (RFT's training
+    data), each prompt rendered as every stage renders it."""
+    import json
+
+    from steps.core.prompts import render
+
+    with open(kept_path) as f:
+        kept = [json.loads(line) for line in f if line.strip()][:limit]
+    want = {k["id"] for k in kept}
+    with open(examples_path) as f:
+        examples = [e for e in (json.loads(line) for line in f if line.strip()) if e["id"] in want]
+    prompts = {e["id"]: render(e, tokenizer, chat_template_kwargs).text for e in examples}
+    missing = sorted(want - set(prompts))
+    if missing:
+        raise ValueError(f"speculative.init_data {kept_path}: ids not in {examples_path}: {missing[:5]}")
+    return [tokenizer(prompts[k["id"]] + k["completion"], add_special_tokens=False)["input_ids"] for k in kept]
+
+
 def policy_features(policy: Any, sequences: Sequence[Sequence[int]], batch_size: int = 32) -> list[tuple[Any, Any]]:
     """(tokens, features) of each token sequence under the policy, teacher-forced: what
     `warm_start` trains on (RFT's data, before any rollout)."""

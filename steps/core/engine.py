@@ -65,6 +65,13 @@ class SpecConfig:
     # eagle: optimiser steps on the recorded features before the first rollout's drafts are
     # used (init_steps) and after each rollout when online (train_steps); frozen: init only.
     online: bool = True
+    # eagle, TLT's initialisation from the RFT data: judge-kept candidates (data/judge/kept.jsonl)
+    # and the examples they answer (data/ingest/train.jsonl), up to init_rows of them, on which
+    # the drafter trains init_steps before the first rollout (empty: from the first rollout's
+    # features). A DVC stage that sets them lists both files as deps.
+    init_data: str = ""
+    init_examples: str = ""
+    init_rows: int = 512
     init_steps: int = 200
     train_steps: int = 10
     drafter_batch: int = 512
@@ -83,7 +90,12 @@ class SpecConfig:
         for key in ("draft_tokens", "max_batch", "ngram", "backoff_steps", "drafter_batch"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"speculative.{key}: expected an integer >= 1, got {getattr(self, key)!r}")
-        for key in ("init_steps", "train_steps"):
+        if bool(self.init_data) != bool(self.init_examples):
+            raise ValueError("speculative.init_data and init_examples go together (the kept candidates and "
+                             "the examples they answer)")
+        if self.init_data and self.drafter != "eagle":
+            raise ValueError("speculative.init_data: only the eagle drafter is trained")
+        for key in ("init_steps", "train_steps", "init_rows"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ValueError(f"speculative.{key}: expected an integer >= 0, got {getattr(self, key)!r}")
 

@@ -236,7 +236,7 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
     from trl.models import unwrap_model_for_generation
 
     from steps.core.backends import SamplingParams, TransformersBackend, derive_seed
-    from steps.core.drafter import SpecState
+    from steps.core.drafter import SpecState, rft_sequences
     from steps.core.engine import SpecConfig
     from steps.core.prompts import Prompt
     from steps.core.rollouts import make_rollout
@@ -256,6 +256,11 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
             else:
                 if spec is not None and not states:
                     states.append(SpecState(spec, model.get_output_embeddings().in_features, seed=cfg.seed))
+                    if spec.init_data and states[0].drafter is not None:  # TLT: once, from the RFT data
+                        seqs = rft_sequences(spec.init_data, spec.init_examples, tok, spec.init_rows,
+                                             cfg.chat_template_kwargs)
+                        log_rollout_stats(trainer, [], {f"{k}_init": v for k, v in
+                                                        states[0].warm_start(model, seqs).items()})
                 backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts),
                                               engine=cfg.engine, speculative=cfg.speculative or None,
                                               spec_state=states[0] if states else None)
