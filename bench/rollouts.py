@@ -163,14 +163,11 @@ STATS: dict[str, int] = {}  # the engine's counters, summed over the timed runs
 def init_sequences(tok: Any, args: argparse.Namespace) -> list[list[int]]:
     """TLT's initialisation from the RFT data: prompt + kept completion token ids of up to
     `--eagle-init-rows` judge-kept candidates, leaving out the timed prompts' examples."""
+    from steps.core.drafter import rft_sequences
     from steps.core.io import read_jsonl
-    from steps.rft import sft_rows
 
-    examples = read_jsonl(args.data)
-    timed = {e["id"] for e in examples[: args.prompts]}
-    kept = [k for k in read_jsonl(args.eagle_init_data) if k["id"] not in timed][: args.eagle_init_rows]
-    rows = sft_rows(examples, kept, tok, {})
-    return [tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"] for r in rows]
+    timed = frozenset(e["id"] for e in read_jsonl(args.data)[: args.prompts])
+    return rft_sequences(args.eagle_init_data, args.data, tok, args.eagle_init_rows, exclude=timed)
 
 
 def runner(engine: str, model: Any, tok: Any, tmp: Path, args: argparse.Namespace):

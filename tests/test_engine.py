@@ -142,10 +142,8 @@ def test_an_rl_stage_keeps_one_drafter_that_trains_between_steps_and_logs_it(bac
     logged = trainer._metrics["train"]
     assert len(logged["drafter/loss"]) == 3 and len(logged["drafter/seconds"]) == 3
     assert len(logged["spec/accepted_per_pass"]) >= 1 and all(v >= 0 for v in logged["spec/accepted_per_pass"])
-    state = run.__closure__  # the one state lives in the closure: 30 init steps, then 7 per step
-    trained = [c.cell_contents for c in state if isinstance(c.cell_contents, list) and c.cell_contents
-               and hasattr(c.cell_contents[0], "drafter")][0][0].drafter.trained_steps
-    assert trained == 30 + 7 + 7
+    assert len(run.spec_states) == 1  # one state for the run: 30 init steps, then 7 per step
+    assert run.spec_states[0].drafter.trained_steps == 30 + 7 + 7
 
 
 def test_an_rl_stage_initialises_its_drafter_from_rft_data_once(backends, tmp_path):
@@ -179,9 +177,7 @@ def test_an_rl_stage_initialises_its_drafter_from_rft_data_once(backends, tmp_pa
         run(texts, trainer)
     logged = trainer._metrics["train"]
     assert len(logged["drafter/seconds_init"]) == 1 and logged["drafter/top1_init"][0] >= 0
-    state = [c.cell_contents for c in run.__closure__ if isinstance(c.cell_contents, list) and c.cell_contents
-             and hasattr(c.cell_contents[0], "drafter")][0][0]
-    assert state.drafter.trained_steps == 12 + 3 + 3  # the init, then train_steps after each rollout
+    assert run.spec_states[0].drafter.trained_steps == 12 + 3 + 3  # the init, then train_steps after each rollout
     seqs = rft_sequences(str(tmp_path / "kept.jsonl"), str(tmp_path / "train.jsonl"), slow.tokenizer, 3)
     assert len(seqs) == 3 and all(len(q) > 20 for q in seqs)
     write_jsonl(tmp_path / "few.jsonl", rows[:2])

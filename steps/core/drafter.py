@@ -3,7 +3,7 @@ features, online, and a bandit that picks the draft depth per running batch size
 
     state = SpecState(SpecConfig(drafter="eagle", depth="bandit"), hidden_size=96)
     FastEngine(policy, eos_ids, pad_id, spec, state=state).generate(...)   # drafts, verifies, records
-    state.fit(policy)                                                       # between RL steps
+    state.after_rollout(policy)                                             # between RL steps
 
 **The drafter** (EAGLE's idea, arXiv 2401.15077, as TLT uses it): the policy's top feature f_t
 (the input of its output layer at the position that produced token x_{t+1}) and the embedding
@@ -36,11 +36,12 @@ records features.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -75,7 +76,7 @@ def make_block(hidden_size: int, mult: int = 2) -> Any:
 class Drafter:
     """The draft block, its buffer of (f_t, x_{t+1}, f_{t+1}) triples and its optimiser."""
 
-    def __init__(self, hidden_size: int, lr: float = 3e-3, buffer_tokens: int = 50_000, batch_size: int = 1024,
+    def __init__(self, hidden_size: int, lr: float = 3e-3, buffer_tokens: int = 50_000, batch_size: int = 512,
                  seed: int = 0):
         torch = _torch()
         # Its own seed without moving the caller's RNG stream; never inference tensors, even when
@@ -170,52 +171,54 @@ class Drafter:
 
 
 def rft_sequences(kept_path: str, examples_path: str, tokenizer: Any, limit: int,
-                  chat_template_kwargs: dict[str, Any] | None = None) -> list[list[int]]:
+                  chat_template_kwargs: dict[str, Any] | None = None,
+                  exclude: frozenset[str] = frozenset()) -> list[list[int]]:
     """Token ids of prompt + completion for up to `limit` judge-kept candidates (RFT's training
-    data), each prompt rendered as every stage renders it."""
-    import json
-
+    data) whose example id is not in `exclude`, each prompt rendered as every stage renders it."""
+    from steps.core.io import read_jsonl
     from steps.core.prompts import render
 
-    with open(kept_path) as f:
-        kept = [json.loads(line) for line in f if line.strip()][:limit]
+    kept = [k for k in read_jsonl(kept_path) if k["id"] not in exclude][:limit]
     want = {k["id"] for k in kept}
-    with open(examples_path) as f:
-        examples = [e for e in (json.loads(line) for line in f if line.strip()) if e["id"] in want]
-    prompts = {e["id"]: render(e, tokenizer, chat_template_kwargs).text for e in examples}
+    prompts = {e["id"]: render(e, tokenizer, chat_template_kwargs).text
+               for e in read_jsonl(examples_path) if e["id"] in want}
     missing = sorted(want - set(prompts))
     if missing:
         raise ValueError(f"speculative.init_data {kept_path}: ids not in {examples_path}: {missing[:5]}")
     return [tokenizer(prompts[k["id"]] + k["completion"], add_special_tokens=False)["input_ids"] for k in kept]
 
 
+@contextlib.contextmanager
+def output_features(model: Any) -> Iterator[list[Any]]:
+    """While open, each forward pass of `model` appends the input of its output layer — the
+    top feature the drafter reads and predicts, (b, kept positions, d) — to the yielded list."""
+    got: list[Any] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: got.append(args[0]))
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
 def policy_features(policy: Any, sequences: Sequence[Sequence[int]], batch_size: int = 32) -> list[tuple[Any, Any]]:
     """(tokens, features) of each token sequence under the policy, teacher-forced: what
     `warm_start` trains on (RFT's data, before any rollout)."""
     torch = _torch()
-    head = policy.get_output_embeddings()
-    got: list[Any] = []
-    handle = head.register_forward_hook(lambda _m, args, _out: got.append(args[0]))
     rows = []
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(sequences), batch_size):
-                chunk = [list(q) for q in sequences[s:s + batch_size]]
-                width = max(len(q) for q in chunk)
-                ids = torch.zeros((len(chunk), width), dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, q in enumerate(chunk):
-                    ids[i, :len(q)], mask[i, :len(q)] = torch.tensor(q), 1
-                got.clear()
-                dev = next(policy.parameters()).device
-                policy(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=0)
-                feats = got[-1]
-                for i, q in enumerate(chunk):
-                    rows.append((torch.tensor(q), feats[i, :len(q)]))
-    finally:
-        handle.remove()
+    dev = next(policy.parameters()).device
+    with output_features(policy) as got, torch.inference_mode():
+        for s in range(0, len(sequences), batch_size):
+            chunk = [list(q) for q in sequences[s:s + batch_size]]
+            width = max(len(q) for q in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, q in enumerate(chunk):
+                ids[i, :len(q)], mask[i, :len(q)] = torch.tensor(q), 1
+            policy(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=0)
+            feats = got.pop()
+            for i, q in enumerate(chunk):
+                rows.append((torch.tensor(q), feats[i, :len(q)]))
     return rows
-
 
 class DepthBandit:
     """Bucketed epsilon-greedy over draft depths 0..max_depth (0: a plain step): per bucket of
@@ -273,22 +276,16 @@ class SpecState:
         self.drafter = (Drafter(hidden_size, lr=spec.drafter_lr, batch_size=spec.drafter_batch, seed=seed)
                         if spec.drafter == "eagle" and hidden_size else None)
         self.bandit = DepthBandit(spec.draft_tokens, spec.epsilon, seed) if spec.depth == "bandit" else None
-        self.fits = 0
-
-    @property
-    def learns(self) -> bool:
-        return self.drafter is not None
 
     def after_rollout(self, policy: Any) -> dict[str, float]:
-        """Between RL steps: online, `train_steps` optimiser steps on the buffer; frozen, only
-        the first call trains (on whatever the buffer holds then, e.g. warm_start's data)."""
+        """Between RL steps: a drafter never trained gets `init_steps` on the buffer (the first
+        rollout's features); after that, online, `train_steps` more; frozen, none."""
         if self.drafter is None:
             return {}
         if self.drafter.trained_steps == 0:
             steps = self.spec.init_steps
         else:
             steps = self.spec.train_steps if self.spec.online else 0
-        self.fits += 1
         return self.drafter.fit(policy, steps)
 
     def warm_start(self, policy: Any, sequences: Sequence[Sequence[int]]) -> dict[str, float]:

@@ -33,6 +33,7 @@ RL stages with `engine: fast` in their params section (steps.core.rl.RLConfig).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -161,7 +162,7 @@ class FastEngine:
         # else this engine's own.
         self.state = state if state is not None or speculative is None else SpecState(
             speculative, model.get_output_embeddings().in_features)
-        self._feats: Any = None  # the output layer's input at the last pass (eagle records it)
+        self._feats: list[Any] | None = None  # eagle: the output layer's input, one entry per pass
         # row_steps: rows decoded, summed over passes; drafted / accepted: draft tokens proposed
         # and kept over verification passes (mean accepted per pass = accepted / verify_row_passes)
         self.stats = {"forward_passes": 0, "row_steps": 0, "verify_passes": 0, "verify_row_passes": 0,
@@ -181,17 +182,13 @@ class FastEngine:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("an empty prompt: every row needs at least one token")
-        hook = None
-        if self.state is not None and self.state.drafter is not None:
-            def keep_features(_module: Any, args: Any, _out: Any) -> None:
-                self._feats = args[0]  # (b, keep, d): the positions whose logits were kept
-            hook = self.model.get_output_embeddings().register_forward_hook(keep_features)
-        try:
-            with torch.inference_mode():
-                return _Run(self, prompts, seeds, temperature, top_p, max_new_tokens).decode()
-        finally:
-            if hook is not None:
-                hook.remove()
+        from steps.core.drafter import output_features
+
+        # eagle: the features of each pass, (b, keep, d), read (and dropped) by _Run._record
+        records = self.state is not None and self.state.drafter is not None
+        with output_features(self.model) if records else contextlib.nullcontext() as self._feats, \
+                torch.inference_mode():
+            return _Run(self, prompts, seeds, temperature, top_p, max_new_tokens).decode()
 
     def forward(self, ids: Any, mask: Any, pos: Any, cache: Any, keep: int = 1) -> Any:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -273,8 +270,7 @@ class _Run:
                 self.bandit.update(b, depth, sum(len(o) for o in emitted), time.perf_counter() - t0)
             self._advance(emitted)
         if self.eagle is not None:
-            import torch as _t
-            self.eagle.record([(toks, _t.stack(feats)) for toks, feats in self.rec.values() if feats])
+            self.eagle.record([(toks, torch.stack(feats)) for toks, feats in self.rec.values() if feats])
         return [Generated(tuple(g), f) for g, f in zip(self.gen, self.finish)]  # type: ignore[arg-type]
 
     def _record(self, fed: Any, last: list[int]) -> None:
@@ -284,7 +280,7 @@ class _Run:
             return
         import torch
 
-        feats = self.e._feats  # (b, k+1, d)
+        feats = self.e._feats.pop()  # (b, k+1, d): this pass's
         fed_rows = fed.tolist()
         for i, r in enumerate(self.alive):
             toks, fs = self.rec[r]

@@ -290,6 +290,7 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
                 "policy_tokens": [c.policy_tokens for c in outs],
                 "external_tokens": [c.external_tokens for c in outs],
                 **{k: [c.meta.get("reward_columns", {}).get(k) for c in outs] for k in columns}}
+    run.spec_states = states  # type: ignore[attr-defined]  # what tests and callers inspect after a run
     return run
 
 
