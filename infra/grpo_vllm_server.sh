@@ -9,6 +9,11 @@
 # policy the stage starts from (POLICY, default the RFT model) and receives the trainer's weights
 # after every step. TRL_VLLM_PYTHON: an environment with trl and vllm (GPU build) together; the
 # main .venv has no vLLM and .venv-vllm no TRL (their pins differ).
+# VLLM_SPECULATIVE: speculative decoding on the server, vLLM's JSON (`vllm serve --speculative-config`),
+# e.g. '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}' — the server-side
+# counterpart of grpo.speculative's prompt-lookup drafter. The online-trained EAGLE drafter of
+# grpo.speculative (steps/core/drafter.py) is the in-process engine's: a server would need the
+# drafter's weights pushed with the policy's after every step, which TRL's weight sync does not do.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
@@ -33,7 +38,8 @@ read -r HOST PORT <<< "$cfg"
 log=.cache/trl-vllm-serve.log
 mkdir -p .cache
 CUDA_VISIBLE_DEVICES="$VLLM_GPUS" "$(dirname "$TRL_VLLM_PYTHON")/trl" vllm-serve --model "$POLICY" \
-  --host "$HOST" --port "$PORT" --tensor_parallel_size "$VLLM_TP" > "$log" 2>&1 &
+  --host "$HOST" --port "$PORT" --tensor_parallel_size "$VLLM_TP" \
+  ${VLLM_SPECULATIVE:+--speculative_config "$VLLM_SPECULATIVE"} > "$log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
 for _ in $(seq 600); do

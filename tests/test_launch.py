@@ -49,8 +49,7 @@ def test_the_default_is_one_plain_process_and_a_launcher_is_checked_at_load(tmp_
             "config": "infra/accelerate/ddp.yaml", "num_processes": 2}}}}))
 
 
-def test_a_missing_config_file_and_a_sharded_config_without_a_gpu_are_refused_before_launching(tmp_path,
-                                                                                             monkeypatch):
+def test_a_missing_config_file_and_fsdp_without_a_gpu_are_refused_before_launching(tmp_path, monkeypatch):
     import torch
 
     monkeypatch.chdir(ROOT)
@@ -58,6 +57,8 @@ def test_a_missing_config_file_and_a_sharded_config_without_a_gpu_are_refused_be
     with pytest.raises(ConfigError, match=r"p.yaml: section 'rft': launcher.config: 'infra/accelerate/dp.yaml' "
                                           r"is not a file .*infra/accelerate/ddp.yaml"):
         launch.relaunched("steps.rft", {"config": "infra/accelerate/dp.yaml", "num_processes": 2}, [], "p.yaml", "rft")
+    # DeepSpeed runs on CPU processes as well (its CPU accelerator over gloo): accepted anywhere
+    assert launch.check_config("infra/accelerate/zero3.yaml", "rft.launcher.config") == "DEEPSPEED"
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine runs FSDP")
     with pytest.raises(ConfigError, match=r"launcher.config: infra/accelerate/fsdp.yaml asks for FSDP, which "
@@ -246,7 +247,95 @@ def test_grpo_on_two_ddp_processes_draws_and_learns_as_one_process(tmp_path):
     assert one[1]["loss"] == pytest.approx(ddp[1]["loss"], abs=LOSS_TOLERANCE)
 
 
-# --- FSDP itself needs a GPU ---------------------------------------------------------------------
+# --- sharded training on two CPU processes: FSDP, ZeRO-2, ZeRO-3 ------------------------------------
+
+def _sharded_run(config: str, args: list[str], probes: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch` of the rft stage on two CPU processes through tests/sharded_cpu.py."""
+    env = {**os.environ, "PIPELINE_TRACKING": "off", "OMP_NUM_THREADS": "1", launch.LAUNCHED_ENV: "1",
+           "PYTHONPATH": str(ROOT), "SHARD_PROBE_DIR": str(probes)}
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+                           "--num_processes", "2", "tests/sharded_cpu.py", "steps.rft", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _check_sharding(probe: dict, config: str) -> None:
+    """What each process held: half of every parameter (FSDP, ZeRO-3) or of the optimiser state
+    (ZeRO-2), as the config says."""
+    if config == "fsdp":
+        assert probe["kind"] == "fsdp" and probe["class"].startswith("FSDP")
+        for name, p in probe["params"].items():
+            assert p["sharded"] and p["local_shape"][0] * 2 == p["full_shape"][0], name
+        experts = probe["params"]["model.layers.0.mlp.experts.gate_up_proj"]
+        assert experts["local_shape"][0] == TINY_MOE["num_experts"] // 2  # sharded by expert
+        return
+    n, stage = probe["param_numel"], int(config[-1])
+    assert probe["kind"] == "deepspeed" and probe["stage"] == stage
+    # each flat partition is padded to a multiple of the processes: a few elements over half
+    assert n / 2 <= probe["optimizer_numel_held"] <= n / 2 + 64
+    if stage == 3:
+        assert n / 2 <= probe["param_numel_held"] <= n / 2 + 64
+    else:
+        assert probe["param_numel_held"] == n  # ZeRO-2 keeps the parameters whole
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["fsdp", "zero2", "zero3"])
+def test_sharded_rft_on_two_cpu_processes_trains_and_saves_a_model_that_evaluates_as_its_twin(tmp_path, config):
+    """The rft stage under infra/accelerate/<config>.yaml on two CPU processes (gloo) against one
+    plain process, the same global batch. FSDP needs tests/sharded_cpu.py to take accelerate's one
+    GPU-only decision; DeepSpeed runs as it is. Each process holds half of what the config shards,
+    the loss curve is the twin's within LOSS_TOLERANCE, the gathered model is the twin's within a
+    small part of what training moved it, and both evaluate to the same responses."""
+    from safetensors.torch import load_file
+
+    from steps.evaluate import EvaluateConfig, evaluate_model
+
+    _, io_args = _rft_workspace(tmp_path)
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    runs = {}
+    for name, launcher in (("one", {}), ("sharded", {"config": f"infra/accelerate/{config}.yaml",
+                                                     "num_processes": 2})):
+        params = tmp_path / f"params_{name}.yaml"
+        params.write_text(yaml.safe_dump({"base": {"seed": 0}, "rft": {
+            "max_steps": 5, "batch_size": 8, "learning_rate": 0.01, "threads": 1, "launcher": launcher}}))
+        out = tmp_path / f"out_{name}"
+        args = ["--params", str(params), *io_args, "--out", str(out)]
+        proc = _sharded_run(launcher["config"], args, probes) if launcher else _run("steps.rft", args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("rft: {") == 1
+        runs[name] = out
+    for rank in (0, 1):  # written only where the sharding engine prepared the model
+        _check_sharding(json.loads((probes / f"rank{rank}.json").read_text()), config)
+    one, sharded = _losses(runs["one"] / "train_log.csv"), _losses(runs["sharded"] / "train_log.csv")
+    assert sorted(one) == sorted(sharded) == [1, 5]
+    for step in (1, 5):
+        assert one[step]["num_tokens"] == sharded[step]["num_tokens"]
+        for key in ("loss", "grad_norm"):
+            assert abs(one[step][key] - sharded[step][key]) <= LOSS_TOLERANCE, (step, key, one[step], sharded[step])
+        assert abs(one[step]["aux_loss"] - sharded[step]["aux_loss"]) <= 10 * LOSS_TOLERANCE  # per-process tokens
+    base = load_file(str(tmp_path / "base/model.safetensors"))
+    w1 = load_file(str(runs["one"] / "model/model.safetensors"))
+    w2 = load_file(str(runs["sharded"] / "model/model.safetensors"))
+    # FSDP's and ZeRO-2's gathered state dicts also write the tied output layer (the embedding's
+    # own values); from_pretrained ties it again.
+    assert set(w1) <= set(w2) and set(w2) - set(w1) <= {"lm_head.weight"}
+    if "lm_head.weight" in w2:
+        assert (w2["lm_head.weight"] == w2["model.embed_tokens.weight"]).all()
+    moved = sum(((w1[k] - base[k]) ** 2).sum() for k in w1) ** 0.5
+    assert sum(((w1[k] - w2[k]) ** 2).sum() for k in w1) ** 0.5 < 0.05 * moved  # measured 1.3 %
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    cfg = EvaluateConfig(max_new_tokens=16, latency_probe_n=0, backend_options={"batch_size": 16})
+    preds = {name: evaluate_model(cfg, name, str(out / "model"), rows, tmp_path / f"eval_{name}")[0]
+             for name, out in runs.items()}
+    keys = ("id", "response", "completion_tokens", "correct", "helpful")
+    assert [[p[k] for k in keys] for p in preds["one"]] == [[p[k] for k in keys] for p in preds["sharded"]]
+    assert (runs["sharded"] / "model/flops_profile.json").exists()  # the main process's reload after training
+    assert json.loads((runs["sharded"] / "model/meta.json").read_text())["config"]["launcher"]["config"] == \
+        f"infra/accelerate/{config}.yaml"
+
+
+# --- FSDP on GPUs, through the stage's own launcher ----------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.gpu

@@ -128,18 +128,20 @@ def distributed_type(config: str | Path) -> str:
 
 def check_config(config: str | Path, where: str) -> str:
     """Refuse a launcher config that would not do what it says on this machine; returns its
-    distributed type. accelerate runs FSDP and DeepSpeed on accelerators only: without CUDA the
-    trainers use the CPU, and accelerate would quietly train as plain data parallel instead."""
+    distributed type. accelerate runs FSDP on accelerators only: without CUDA the trainers use the
+    CPU, and accelerate would quietly train as plain data parallel instead. DeepSpeed runs on CPU
+    processes too (its CPU accelerator, gloo), so it needs only to be installed."""
     import importlib.util
 
     import torch
 
     kind = distributed_type(config)
-    if kind in ("FSDP", "DEEPSPEED") and not torch.cuda.is_available():
-        raise ConfigError(f"{where}: {config} asks for {kind}, which accelerate runs on GPUs only, and this machine "
-                          f"has no CUDA device (it would train as plain DDP): use {CONFIG_DIR / 'ddp.yaml'} here")
+    if kind == "FSDP" and not torch.cuda.is_available():
+        raise ConfigError(f"{where}: {config} asks for FSDP, which accelerate runs on GPUs only, and this machine "
+                          f"has no CUDA device (it would train as plain DDP): use {CONFIG_DIR / 'ddp.yaml'} or "
+                          f"{CONFIG_DIR / 'zero3.yaml'} here")
     if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"{where}: {config} needs DeepSpeed: pip install deepspeed (not in requirements.txt)")
+        raise ConfigError(f"{where}: {config} needs DeepSpeed: pip install deepspeed (requirements.txt pins it)")
     return kind
 
 

@@ -88,6 +88,12 @@ def finish_stage(stage: str, cfg: Any, parent: str, out: Path, result: dict[str,
     from steps.core.io import write_json, write_train_log
     from steps.core.lineage import write_meta
 
+    try:  # under DeepSpeed ZeRO-3 the trainer leaves transformers partitioning every model it builds
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    except ImportError:  # pragma: no cover - transformers without its DeepSpeed integration
+        pass
+    else:  # over all processes; this load is the main process's alone (the others have returned)
+        unset_hf_deepspeed_config()
     modeling.save_profile(AutoModelForCausalLM.from_pretrained(out / "model"), out / "model")
     write_meta(out / "model", stage, cfg, parent=parent, metrics=result["metrics"])
     write_json(out / "metrics.json", result["metrics"])
