@@ -176,41 +176,58 @@ def _rft_workspace(tmp_path: Path) -> tuple[Path, list[str]]:
 DDP2 = {"config": "infra/accelerate/ddp.yaml", "num_processes": 2}
 
 
+def _rft_twins(tmp_path: Path, launcher: dict, run_launched=None) -> dict[str, Path]:
+    """The rft stage on the MoE student, global batch 8, 5 steps: once in one plain process ("one")
+    and once under `launcher` ("launched"), through the stage's own launcher or `run_launched(args)`.
+    Each writes and reports the stage once. -> {"one": out, "launched": out}."""
+    _, io_args = _rft_workspace(tmp_path)
+    runs = {}
+    for name, spec in (("one", {}), ("launched", launcher)):
+        params = tmp_path / f"params_{name}.yaml"
+        params.write_text(yaml.safe_dump({"base": {"seed": 0}, "rft": {
+            "max_steps": 5, "batch_size": 8, "learning_rate": 0.01, "threads": 1, "launcher": spec}}))
+        out = tmp_path / f"out_{name}"
+        args = ["--params", str(params), *io_args, "--out", str(out)]
+        proc = run_launched(args) if spec and run_launched else _run("steps.rft", args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("rft: {") == 1  # one process wrote and reported the stage
+        runs[name] = out
+    return runs
+
+
+def _assert_twins(tmp_path: Path, runs: dict[str, Path]) -> tuple[dict, dict]:
+    """The launched run follows the one-process loss curve within LOSS_TOLERANCE, and its model is
+    the twin's within a small part of what training moved it. -> both runs' weights."""
+    from safetensors.torch import load_file
+
+    one, other = _losses(runs["one"] / "train_log.csv"), _losses(runs["launched"] / "train_log.csv")
+    assert sorted(one) == sorted(other) == [1, 5]
+    for step in (1, 5):
+        assert one[step]["num_tokens"] == other[step]["num_tokens"]  # the same sequences in each step
+        for key in ("loss", "grad_norm"):
+            assert abs(one[step][key] - other[step][key]) <= LOSS_TOLERANCE, (step, key, one[step], other[step])
+        # The MoE load-balancing loss is computed over each process's own tokens: it is not
+        # linear in them, so it differs a little more (measured 1.8e-3 at step 5).
+        assert abs(one[step]["aux_loss"] - other[step]["aux_loss"]) <= 10 * LOSS_TOLERANCE
+    base = load_file(str(tmp_path / "base/model.safetensors"))
+    w1 = load_file(str(runs["one"] / "model/model.safetensors"))
+    w2 = load_file(str(runs["launched"] / "model/model.safetensors"))
+    # The two models differ by a small part of what training moved them (measured 1.3 %; the
+    # largest differences are in the experts and the router, where the aux loss differs).
+    moved = sum(((w1[k] - base[k]) ** 2).sum() for k in w1) ** 0.5
+    assert sum(((w1[k] - w2[k]) ** 2).sum() for k in w1) ** 0.5 < 0.05 * moved
+    return w1, w2
+
+
 @pytest.mark.slow
 def test_rft_on_two_ddp_processes_follows_the_single_process_loss_curve(tmp_path):
     """The MoE student, global batch 8: one process of 8 against two of 4 (accelerate launch,
     ddp.yaml, gloo). Same data order, same loss curve within LOSS_TOLERANCE (measured: README);
     the outputs are written once, by the main process."""
-    from safetensors.torch import load_file
-
-    _, io_args = _rft_workspace(tmp_path)
-    runs = {}
-    for name, launcher in (("one", {}), ("ddp", DDP2)):
-        params = tmp_path / f"params_{name}.yaml"
-        params.write_text(yaml.safe_dump({"base": {"seed": 0}, "rft": {
-            "max_steps": 5, "batch_size": 8, "learning_rate": 0.01, "threads": 1, "launcher": launcher}}))
-        out = tmp_path / f"out_{name}"
-        proc = _run("steps.rft", ["--params", str(params), *io_args, "--out", str(out)])
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.count("rft: {") == 1  # one process wrote and reported the stage
-        runs[name] = out
-    one, ddp = _losses(runs["one"] / "train_log.csv"), _losses(runs["ddp"] / "train_log.csv")
-    assert sorted(one) == sorted(ddp) == [1, 5]
-    for step in (1, 5):
-        assert one[step]["num_tokens"] == ddp[step]["num_tokens"]  # the same sequences in each step
-        for key in ("loss", "grad_norm"):
-            assert abs(one[step][key] - ddp[step][key]) <= LOSS_TOLERANCE, (step, key, one[step], ddp[step])
-        # The MoE load-balancing loss is computed over each process's own tokens: it is not
-        # linear in them, so it differs a little more (measured 1.8e-3 at step 5).
-        assert abs(one[step]["aux_loss"] - ddp[step]["aux_loss"]) <= 10 * LOSS_TOLERANCE
-    base = load_file(str(tmp_path / "base/model.safetensors"))
-    w1, w2 = load_file(str(runs["one"] / "model/model.safetensors")), load_file(str(runs["ddp"] / "model/model.safetensors"))
+    runs = _rft_twins(tmp_path, DDP2)
+    w1, w2 = _assert_twins(tmp_path, runs)
     assert w1.keys() == w2.keys()
-    # The two models differ by a small part of what training moved them (measured 1.3 %; the
-    # largest differences are in the experts and the router, where the aux loss differs).
-    moved = sum(((w1[k] - base[k]) ** 2).sum() for k in w1) ** 0.5
-    assert sum(((w1[k] - w2[k]) ** 2).sum() for k in w1) ** 0.5 < 0.05 * moved
-    out = runs["ddp"]
+    out = runs["launched"]
     assert {"model", "metrics.json", "train_log.csv"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "model/meta.json").read_text())["config"]["launcher"] == DDP2
     assert not [p for p in out.rglob(".*.tmp")]  # no other process left a temporary file behind
@@ -286,52 +303,28 @@ def test_sharded_rft_on_two_cpu_processes_trains_and_saves_a_model_that_evaluate
     GPU-only decision; DeepSpeed runs as it is. Each process holds half of what the config shards,
     the loss curve is the twin's within LOSS_TOLERANCE, the gathered model is the twin's within a
     small part of what training moved it, and both evaluate to the same responses."""
-    from safetensors.torch import load_file
-
     from steps.evaluate import EvaluateConfig, evaluate_model
 
-    _, io_args = _rft_workspace(tmp_path)
     probes = tmp_path / "probes"
     probes.mkdir()
-    runs = {}
-    for name, launcher in (("one", {}), ("sharded", {"config": f"infra/accelerate/{config}.yaml",
-                                                     "num_processes": 2})):
-        params = tmp_path / f"params_{name}.yaml"
-        params.write_text(yaml.safe_dump({"base": {"seed": 0}, "rft": {
-            "max_steps": 5, "batch_size": 8, "learning_rate": 0.01, "threads": 1, "launcher": launcher}}))
-        out = tmp_path / f"out_{name}"
-        args = ["--params", str(params), *io_args, "--out", str(out)]
-        proc = _sharded_run(launcher["config"], args, probes) if launcher else _run("steps.rft", args)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.count("rft: {") == 1
-        runs[name] = out
+    runs = _rft_twins(tmp_path, {"config": f"infra/accelerate/{config}.yaml", "num_processes": 2},
+                         lambda args: _sharded_run(f"infra/accelerate/{config}.yaml", args, probes))
     for rank in (0, 1):  # written only where the sharding engine prepared the model
         _check_sharding(json.loads((probes / f"rank{rank}.json").read_text()), config)
-    one, sharded = _losses(runs["one"] / "train_log.csv"), _losses(runs["sharded"] / "train_log.csv")
-    assert sorted(one) == sorted(sharded) == [1, 5]
-    for step in (1, 5):
-        assert one[step]["num_tokens"] == sharded[step]["num_tokens"]
-        for key in ("loss", "grad_norm"):
-            assert abs(one[step][key] - sharded[step][key]) <= LOSS_TOLERANCE, (step, key, one[step], sharded[step])
-        assert abs(one[step]["aux_loss"] - sharded[step]["aux_loss"]) <= 10 * LOSS_TOLERANCE  # per-process tokens
-    base = load_file(str(tmp_path / "base/model.safetensors"))
-    w1 = load_file(str(runs["one"] / "model/model.safetensors"))
-    w2 = load_file(str(runs["sharded"] / "model/model.safetensors"))
+    w1, w2 = _assert_twins(tmp_path, runs)
     # FSDP's and ZeRO-2's gathered state dicts also write the tied output layer (the embedding's
     # own values); from_pretrained ties it again.
     assert set(w1) <= set(w2) and set(w2) - set(w1) <= {"lm_head.weight"}
     if "lm_head.weight" in w2:
         assert (w2["lm_head.weight"] == w2["model.embed_tokens.weight"]).all()
-    moved = sum(((w1[k] - base[k]) ** 2).sum() for k in w1) ** 0.5
-    assert sum(((w1[k] - w2[k]) ** 2).sum() for k in w1) ** 0.5 < 0.05 * moved  # measured 1.3 %
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     cfg = EvaluateConfig(max_new_tokens=16, latency_probe_n=0, backend_options={"batch_size": 16})
     preds = {name: evaluate_model(cfg, name, str(out / "model"), rows, tmp_path / f"eval_{name}")[0]
              for name, out in runs.items()}
     keys = ("id", "response", "completion_tokens", "correct", "helpful")
-    assert [[p[k] for k in keys] for p in preds["one"]] == [[p[k] for k in keys] for p in preds["sharded"]]
-    assert (runs["sharded"] / "model/flops_profile.json").exists()  # the main process's reload after training
-    assert json.loads((runs["sharded"] / "model/meta.json").read_text())["config"]["launcher"]["config"] == \
+    assert [[p[k] for k in keys] for p in preds["one"]] == [[p[k] for k in keys] for p in preds["launched"]]
+    assert (runs["launched"] / "model/flops_profile.json").exists()  # the main process's reload after training
+    assert json.loads((runs["launched"] / "model/meta.json").read_text())["config"]["launcher"]["config"] == \
         f"infra/accelerate/{config}.yaml"
 
 
