@@ -70,6 +70,10 @@ class SampleConfig:
     top_p: float = help_field(1.0, "nucleus sampling", gt=0.0, le=1.0)
     max_new_tokens: int = help_field(192, "generation budget per candidate, thinking included", ge=1)
     max_examples: int | None = help_field(None, "sample only the first N training examples", ge=1)
+    max_examples_per_dataset: dict = field(default_factory=dict, metadata={
+        "help": "the share of datasets: at most N examples of each named dataset, the first in file order "
+                "(e.g. {musique: 2400, ecommerce: 1200}); unnamed datasets are not capped, and max_examples "
+                "still caps the total"})
     shard_size: int = help_field(64, "prompts per generate call (and at most per resume shard)", ge=1)
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true} for Qwen3"})
     max_prompt_tokens: int | None = help_field(4096, "prompt budget; the least relevant documents are dropped "
@@ -84,6 +88,9 @@ class SampleConfig:
         # The stage sets `model` itself; everything else must be a constructor option of the
         # back end, with the annotated type, so a typo stops here rather than mid-stage.
         check_options(backend_class(self.backend), self.backend_options, "backend_options", reserved=("model",))
+        for name, cap in self.max_examples_per_dataset.items():
+            if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+                raise ValueError(f"max_examples_per_dataset.{name}: expected a count >= 0, got {cap!r}")
 
 
 def candidate_row(example: dict[str, Any], j: int, c: Completion, model: str) -> dict[str, Any]:
@@ -93,13 +100,35 @@ def candidate_row(example: dict[str, Any], j: int, c: Completion, model: str) ->
             "finish_reason": c.finish_reason, "model": model}
 
 
+def select_examples(examples: list[dict[str, Any]], max_examples: int | None,
+                    per_dataset: dict[str, int]) -> list[dict[str, Any]]:
+    """The examples to sample, in file order: each dataset up to its cap, then the first
+    `max_examples` of those. The caps set the share of datasets in the kept traces (a dataset the
+    teacher is weaker on yields fewer kept traces per example), at no cost in sampling time."""
+    unknown = sorted(set(per_dataset) - {e["dataset"] for e in examples})
+    if unknown:  # a misspelt name would leave the real dataset uncapped
+        raise ValueError(f"max_examples_per_dataset names {unknown}, not among the input's datasets "
+                         f"{sorted({e['dataset'] for e in examples})}")
+    taken: dict[str, int] = {}
+    chosen = []
+    for e in examples:
+        if max_examples is not None and len(chosen) >= max_examples:
+            break
+        cap = per_dataset.get(e["dataset"])
+        if cap is not None and taken.get(e["dataset"], 0) >= cap:
+            continue
+        taken[e["dataset"]] = taken.get(e["dataset"], 0) + 1
+        chosen.append(e)
+    return chosen
+
+
 def sample(cfg: SampleConfig, examples: list[dict[str, Any]], model: str, work: Path,
            backend: Any = None) -> tuple[list[dict[str, Any]], int]:
     """k candidates per example, resuming from shards in `work`. Returns the rows in input
     order, and how many examples' prompts lost documents to the prompt budget."""
     from tqdm import tqdm
 
-    examples = examples[: cfg.max_examples] if cfg.max_examples else examples
+    examples = select_examples(examples, cfg.max_examples, cfg.max_examples_per_dataset)
     if not examples:
         return [], 0
     shards = ShardWriter(work, key_fields=("id", "sample_idx"))
