@@ -106,9 +106,9 @@ def select_examples(examples: list[dict[str, Any]], max_examples: int | None,
     `max_examples` of those. The caps set the share of datasets in the kept traces (a dataset the
     teacher is weaker on yields fewer kept traces per example), at no cost in sampling time."""
     unknown = sorted(set(per_dataset) - {e["dataset"] for e in examples})
-    if unknown:  # a misspelt name would leave the real dataset uncapped
-        raise ValueError(f"max_examples_per_dataset names {unknown}, not among the input's datasets "
-                         f"{sorted({e['dataset'] for e in examples})}")
+    if unknown:  # a misspelt name leaves the real dataset uncapped; a source left out of ingest is fine
+        log.warning("sample: max_examples_per_dataset names %s, not among the input's datasets %s: those caps "
+                    "select nothing", unknown, sorted({e["dataset"] for e in examples}))
     taken: dict[str, int] = {}
     chosen = []
     for e in examples:
