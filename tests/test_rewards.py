@@ -159,3 +159,30 @@ def test_grounding_reward_scores_the_thinking_against_the_context(musique_exampl
         "the answer is kestria .",  # no thinking at all
     ], **cols)
     assert out[0] == 1.0 and out[1] < 0.5 and out[2] == 0.0
+
+
+@pytest.mark.parametrize("thinking, context_score, claim_score", [
+    # both claims said by one listing each: grounded by either unit
+    ("the tolka lamp is green . the tolka lamp is made of glass .", 1.0, 1.0),
+    # the chimera: the asked product with the sibling's colour; every word is in the context,
+    # no source says it
+    ("the tolka lamp is red .", 1.0, 0.0),
+    # one claim supported, one chimera: half the claims
+    ("the tolka lamp is green . the vimbo lamp is made of glass .", 1.0, 0.5),
+    # restating the question is supported by the question itself
+    ("what color is it ? the tolka lamp is green .", 1.0, 1.0),
+    # an invented colour: neither unit grounds it
+    ("the tolka lamp is purple .", 2 / 3, 0.0),
+])
+def test_grounding_by_claim_needs_one_source_per_sentence(ecommerce_example, thinking, context_score, claim_score):
+    from steps.core.rewards.livethinking import make_grounding
+    cols = {k: [v] for k, v in ecommerce_example.items()}
+    completion = [f"<think> {thinking} </think> the tolka lamp is green ."]
+    assert make_grounding()(completion, **cols) == [pytest.approx(context_score)]
+    assert make_grounding(unit="claim")(completion, **cols) == [pytest.approx(claim_score)]
+
+
+def test_grounding_rejects_an_unknown_unit():
+    from steps.core.rewards.livethinking import make_grounding
+    with pytest.raises(ValueError, match="grounding.unit"):
+        make_grounding(unit="sentence")

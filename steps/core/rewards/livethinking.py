@@ -112,19 +112,38 @@ def make_length(lambda_lower: float = 0.2, lambda_upper: float = 0.4, epsilon_fr
     return length
 
 
-def make_grounding() -> RewardFn:
-    """Grounded reasoning: the share of the thinking's content words found in the context
-    (documents, history, question). Without it GRPO's length pressure can collapse the trace
-    into a fixed string that no longer reads the documents; filler sentences score low too."""
-    from steps.core.metrics import content_tokens, coverage
+def make_grounding(unit: str = "context", threshold: float = 0.9) -> RewardFn:
+    """Grounded reasoning, on the thinking. Without it GRPO's length pressure can collapse the
+    trace into a fixed string that no longer reads the documents; filler sentences score low too.
+
+    unit `context`: the share of the thinking's content words found anywhere in the context
+    (documents, history, question). unit `claim`: the share of the thinking's sentences that one
+    source (a document, a history turn or the question) supports, each with at least `threshold`
+    of its content words, as the judges' "every claim is verifiable in D_t" reads. The difference
+    is the chimera: "the orbix jacket is red ." when the orbix jacket is green and red belongs to
+    the zentra jacket of the next listing has every word in the context (1.0 by `context`) but
+    no source that says it (0 by `claim`). Such sentences are how the embedded default's student
+    answers e-commerce questions wrongly (README, Measured results)."""
+    from steps.core.metrics import content_tokens, coverage, sentences
+
+    if unit not in ("context", "claim"):
+        raise ValueError(f"grounding.unit: expected 'context' or 'claim', got {unit!r}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"grounding.threshold: expected a number in (0, 1], got {threshold!r}")
 
     def grounding(completions: list[str], **columns: Any) -> list[float | None]:
         out = []
         for c, ex in zip(completions, examples_of(len(completions), columns), strict=True):
             thinking = split_completion(c)[0]
-            context = set(content_tokens(" ".join(ex["documents"] + [t["content"] for t in ex["history"]]
-                                                  + [ex["question"]])))
-            out.append(coverage(thinking, context) if thinking else 0.0)
+            texts = ex["documents"] + [t["content"] for t in ex["history"]] + [ex["question"]]
+            if not thinking:
+                out.append(0.0)
+            elif unit == "context":
+                out.append(coverage(thinking, set(content_tokens(" ".join(texts)))))
+            else:
+                sources = [set(content_tokens(t)) for t in texts]
+                claims = sentences(thinking)
+                out.append(sum(max(coverage(s, v) for v in sources) >= threshold for s in claims) / len(claims))
         return out
     return grounding
 
