@@ -1,0 +1,87 @@
+"""Benchmark: one decode pass of the policy, eager against `torch.compile`, side by side.
+
+    .venv/bin/python -m bench.compile_pass [--model data/rft/model] [--rows 32,8] [--cache 120]
+
+A rollout on these small models is a sequence of decode passes whose cost is framework work
+around tiny tensors (README, TLT), so compiling the forward is the obvious lever. This times
+`--passes` decode passes (one token per row, transformers' DynamicCache over a `--cache`-token
+prompt, as the rollout engine calls the model) eager and under `torch.compile(dynamic=True)`,
+for each batch size in `--rows`, in that order and in one process: the compiled model's first
+batch size carries the compilation, a later size shows whether a change of batch size (which the
+engine's batch makes at every step of its tail) compiles again. Prints one JSON line per batch
+size and a last one with `compiled_speedup` (eager ms per pass ÷ compiled, the first batch size,
+after compilation) and the seconds spent compiling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def ms_per_pass(model, config, rows: int, cache: int, passes: int, vocab: int) -> tuple[float, float]:
+    """(ms per decode pass, seconds of the whole call: prefill, first pass and compilation included)."""
+    import torch
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (rows, cache), generator=g)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        kv = DynamicCache(config=config)
+        mask = torch.ones(rows, cache, dtype=torch.long)
+        model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(cache).expand(rows, cache),
+              past_key_values=kv, use_cache=True, logits_to_keep=1)
+        tok = ids[:, -1:]
+        t0 = None
+        for i in range(passes + 1):  # the first pass is untimed: compilation of the decode graph
+            if i == 1:
+                t0 = time.perf_counter()
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            model(input_ids=tok, attention_mask=mask, position_ids=torch.full((rows, 1), cache + i),
+                  past_key_values=kv, use_cache=True, logits_to_keep=1)
+    end = time.perf_counter()
+    return (end - t0) / passes * 1e3, end - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="data/rft/model")
+    ap.add_argument("--rows", default="32,8", help="batch sizes, in order")
+    ap.add_argument("--cache", type=int, default=120, help="prompt tokens in the cache before decoding")
+    ap.add_argument("--passes", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    if hasattr(model.config, "output_router_logits"):
+        model.config.output_router_logits = False  # no MoE router loss while decoding (as the engine)
+    vocab = model.config.vocab_size
+    rows = [int(r) for r in args.rows.split(",")]
+    compiled = torch.compile(model, dynamic=True)
+    lines = []
+    for b in rows:
+        eager_ms, _ = ms_per_pass(model, model.config, b, args.cache, args.passes, vocab)
+        comp_ms, comp_s = ms_per_pass(compiled, model.config, b, args.cache, args.passes, vocab)
+        line = {"rows": b, "eager_ms_per_pass": round(eager_ms, 3), "compiled_ms_per_pass": round(comp_ms, 3),
+                "compiled_call_s": round(comp_s, 1), "ratio": round(eager_ms / comp_ms, 3)}
+        lines.append(line)
+        print(json.dumps(line), flush=True)
+    first = lines[0]
+    print(json.dumps({"model": args.model, "threads": args.threads, "torch": torch.__version__,
+                      "compiled_speedup": first["ratio"],
+                      "compile_s_first": first["compiled_call_s"],
+                      "compile_s_later_sizes": [ln["compiled_call_s"] for ln in lines[1:]]}))
+
+
+if __name__ == "__main__":
+    main()
