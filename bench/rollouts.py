@@ -21,7 +21,11 @@ max_completion_length 160):
   the draft depth picked by the bandit (`depth: bandit`). `--eagle-warmup` full rollouts come first,
   untimed, on other prompts (with `--model`, the rows after the timed ones), as the RL steps before
   the measured one: the drafter and the bandit at steady state, as in a GRPO run after its first
-  steps, without having seen the timed prompts.
+  steps, without having seen the timed prompts;
+- `fast_compiled`: `fast` with the policy compiled (`model.compile(dynamic=True)`, in place, so it
+  runs after the others; the untimed warm-up carries the compilation, which bench.compile_pass
+  reports). Not an engine option yet: a measurement of the lever. The eagle drafter cannot ride on
+  it as it is: the hook that records the policy's features does not fire inside the compiled graph.
 
 The policy is the embedded default's student shape (params.yaml pretrain_demo.student_arch),
 untrained, with the example tokenizer. An untrained model almost never ends a completion, so
@@ -56,7 +60,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("generate", "trl", "trl_cb", "fast", "fast_spec", "fast_eagle")
+ENGINES = ("generate", "trl", "trl_cb", "fast", "fast_spec", "fast_eagle", "fast_compiled")
 
 
 def length_pmf(profile: str, budget: int) -> list[float]:
@@ -175,6 +179,13 @@ def runner(engine: str, model: Any, tok: Any, tmp: Path, args: argparse.Namespac
     from steps.core.backends import SamplingParams, TransformersBackend
     from steps.core.prompts import Prompt
 
+    compiled = engine.endswith("_compiled")
+    engine = engine.removesuffix("_compiled")
+    if compiled:
+        # In place (the back end takes the model object): every engine after this one runs the
+        # compiled policy, so main() runs the compiled engines last. The untimed warm-up rollout
+        # carries the compilation.
+        model.compile(dynamic=True)
     if engine in ("generate", "fast", "fast_spec", "fast_eagle"):
         from steps.core.drafter import SpecState
         from steps.core.engine import SpecConfig
@@ -242,6 +253,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     engines = [e for e in args.engines.split(",") if e]
+    engines.sort(key=lambda e: e.endswith("_compiled"))  # compiling is in place: those run last
     unknown = set(engines) - set(ENGINES)
     if unknown:
         ap.error(f"--engines: unknown {sorted(unknown)}; known: {list(ENGINES)}")
@@ -266,7 +278,7 @@ def main() -> None:
                     run = runner(engine, model, tok, tmp, args)
                     model.eval()
                     run(texts[: args.k], seed=999)  # warm-up
-                    if engine == "fast_eagle":
+                    if engine.removesuffix("_compiled") == "fast_eagle":
                         for w in range(args.eagle_warmup):
                             chunk = warm_prompts[w * args.prompts:(w + 1) * args.prompts] or prompts
                             run([p for p in chunk for _ in range(args.k)], seed=1000 + w)
@@ -292,7 +304,7 @@ def main() -> None:
                         "tokens_per_run": tokens, "length_mean": round(statistics.mean(lengths), 1),
                         "length_p50": lengths[len(lengths) // 2], "length_p90": lengths[int(len(lengths) * 0.9)],
                         "length_max": lengths[-1], "length_min": lengths[0]}
-                if engine in ("fast_spec", "fast_eagle") and STATS.get("verify_row_passes"):
+                if engine.removesuffix("_compiled") in ("fast_spec", "fast_eagle") and STATS.get("verify_row_passes"):
                     line.update(accepted_per_row_pass=round(STATS["accepted"] / STATS["verify_row_passes"], 3),
                                 forward_passes_per_run=STATS["forward_passes"] / args.repeats,
                                 draft_tokens=args.draft_tokens, spec_max_batch=args.spec_max_batch)
