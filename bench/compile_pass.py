@@ -25,16 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def ms_per_pass(model, config, rows: int, cache: int, passes: int, vocab: int) -> tuple[float, float]:
+def ms_per_pass(model, rows: int, cache: int, passes: int) -> tuple[float, float]:
     """(ms per decode pass, seconds of the whole call: prefill, first pass and compilation included)."""
     import torch
     from transformers import DynamicCache
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab, (rows, cache), generator=g)
+    ids = torch.randint(5, model.config.vocab_size, (rows, cache), generator=g)
     start = time.perf_counter()
     with torch.inference_mode():
-        kv = DynamicCache(config=config)
+        kv = DynamicCache(config=model.config)
         mask = torch.ones(rows, cache, dtype=torch.long)
         model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(cache).expand(rows, cache),
               past_key_values=kv, use_cache=True, logits_to_keep=1)
@@ -66,17 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     if hasattr(model.config, "output_router_logits"):
         model.config.output_router_logits = False  # no MoE router loss while decoding (as the engine)
-    vocab = model.config.vocab_size
     rows = [int(r) for r in args.rows.split(",")]
     compiled = torch.compile(model, dynamic=True)
     lines = []
     for b in rows:
-        ms_per_pass(model, model.config, b, args.cache, args.passes, vocab)  # warm-up, as for the compiled one
-        eager_ms, _ = ms_per_pass(model, model.config, b, args.cache, args.passes, vocab)
+        ms_per_pass(model, b, args.cache, args.passes)  # warm-up, as for the compiled one
+        eager_ms, _ = ms_per_pass(model, b, args.cache, args.passes)
         # The first call compiles (and recompiles while the cache grows, until its length is
         # symbolic); the second is the steady state a long run would see.
-        _, comp_s = ms_per_pass(compiled, model.config, b, args.cache, args.passes, vocab)
-        comp_ms, _ = ms_per_pass(compiled, model.config, b, args.cache, args.passes, vocab)
+        _, comp_s = ms_per_pass(compiled, b, args.cache, args.passes)
+        comp_ms, _ = ms_per_pass(compiled, b, args.cache, args.passes)
         line = {"rows": b, "eager_ms_per_pass": round(eager_ms, 3), "compiled_ms_per_pass": round(comp_ms, 3),
                 "compiled_call_s": round(comp_s, 1), "ratio": round(eager_ms / comp_ms, 3)}
         lines.append(line)

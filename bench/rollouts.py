@@ -274,11 +274,12 @@ def main() -> None:
                            hazard(length_pmf(profile, args.max_new_tokens)))
             texts = [p for p in prompts for _ in range(args.k)]
             for engine in engines:
+                kind = engine.removesuffix("_compiled")  # the engine a compiled variant runs
                 try:
                     run = runner(engine, model, tok, tmp, args)
                     model.eval()
                     run(texts[: args.k], seed=999)  # warm-up
-                    if engine.removesuffix("_compiled") == "fast_eagle":
+                    if kind == "fast_eagle":
                         for w in range(args.eagle_warmup):
                             chunk = warm_prompts[w * args.prompts:(w + 1) * args.prompts] or prompts
                             run([p for p in chunk for _ in range(args.k)], seed=1000 + w)
@@ -304,7 +305,7 @@ def main() -> None:
                         "tokens_per_run": tokens, "length_mean": round(statistics.mean(lengths), 1),
                         "length_p50": lengths[len(lengths) // 2], "length_p90": lengths[int(len(lengths) * 0.9)],
                         "length_max": lengths[-1], "length_min": lengths[0]}
-                if engine.removesuffix("_compiled") in ("fast_spec", "fast_eagle") and STATS.get("verify_row_passes"):
+                if kind in ("fast_spec", "fast_eagle") and STATS.get("verify_row_passes"):
                     line.update(accepted_per_row_pass=round(STATS["accepted"] / STATS["verify_row_passes"], 3),
                                 forward_passes_per_run=STATS["forward_passes"] / args.repeats,
                                 draft_tokens=args.draft_tokens, spec_max_batch=args.spec_max_batch)
