@@ -22,10 +22,9 @@ max_completion_length 160):
   untimed, on other prompts (with `--model`, the rows after the timed ones), as the RL steps before
   the measured one: the drafter and the bandit at steady state, as in a GRPO run after its first
   steps, without having seen the timed prompts;
-- `fast_compiled`: `fast` with the policy compiled (`model.compile(dynamic=True)`, in place, so it
-  runs after the others; the untimed warm-up carries the compilation, which bench.compile_pass
-  reports). Not an engine option yet: a measurement of the lever. The eagle drafter cannot ride on
-  it as it is: the hook that records the policy's features does not fire inside the compiled graph.
+- `fast_compiled`, `fast_eagle_compiled`: `fast` and `fast_eagle` with `compile: true` (the decode
+  pass through `torch.compile(dynamic=True)`, steps.core.engine.compiled_pass); the untimed
+  warm-up rollouts carry the compiling, which bench.compile_pass times on its own.
 
 The policy is the embedded default's student shape (params.yaml pretrain_demo.student_arch),
 untrained, with the example tokenizer. An untrained model almost never ends a completion, so
@@ -60,7 +59,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("generate", "trl", "trl_cb", "fast", "fast_spec", "fast_eagle", "fast_compiled")
+ENGINES = ("generate", "trl", "trl_cb", "fast", "fast_spec", "fast_eagle", "fast_compiled", "fast_eagle_compiled")
 
 
 def length_pmf(profile: str, budget: int) -> list[float]:
@@ -181,11 +180,6 @@ def runner(engine: str, model: Any, tok: Any, tmp: Path, args: argparse.Namespac
 
     compiled = engine.endswith("_compiled")
     engine = engine.removesuffix("_compiled")
-    if compiled:
-        # In place (the back end takes the model object): every engine after this one runs the
-        # compiled policy, so main() runs the compiled engines last. The untimed warm-up rollout
-        # carries the compilation.
-        model.compile(dynamic=True)
     if engine in ("generate", "fast", "fast_spec", "fast_eagle"):
         from steps.core.drafter import SpecState
         from steps.core.engine import SpecConfig
@@ -202,7 +196,7 @@ def runner(engine: str, model: Any, tok: Any, tmp: Path, args: argparse.Namespac
         backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=args.prompts * args.k,
                                       engine="fast" if engine.startswith("fast") else engine,
                                       speculative=spec if engine in ("fast_spec", "fast_eagle") else None,
-                                      spec_state=state)
+                                      spec_state=state, compile=compiled)
 
         def run(texts: list[str], seed: int) -> list[int]:
             ps = [Prompt(messages=(), text=t, key=f"{seed}/{i}") for i, t in enumerate(texts)]
@@ -253,7 +247,6 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     engines = [e for e in args.engines.split(",") if e]
-    engines.sort(key=lambda e: e.endswith("_compiled"))  # compiling is in place: those run last
     unknown = set(engines) - set(ENGINES)
     if unknown:
         ap.error(f"--engines: unknown {sorted(unknown)}; known: {list(ENGINES)}")
@@ -322,8 +315,9 @@ def main() -> None:
     headline = {}  # the figures: the online drafter's tokens/s over TRL's two paths
     for profile, by in results.items():
         for base, key in (("trl", "rollout_speedup"), ("trl_cb", "rollout_speedup_vs_cb")):
-            if "fast_eagle" in by and base in by:
-                headline[f"{profile}/{key}"] = round(by["fast_eagle"]["tokens_per_s"] / by[base]["tokens_per_s"], 2)
+            for ours, suffix in (("fast_eagle", ""), ("fast_eagle_compiled", "_compiled")):
+                if ours in by and base in by:
+                    headline[f"{profile}/{key}{suffix}"] = round(by[ours]["tokens_per_s"] / by[base]["tokens_per_s"], 2)
     print(json.dumps({**headline, "ratios_tokens_per_s": ratios, "ratios_cpu_tokens_per_s": cpu_ratios, "threads": args.threads, "repeats": args.repeats,
                       "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()}))
 

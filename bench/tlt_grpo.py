@@ -12,12 +12,16 @@ prompts, one after the other:
 - `fast`: steps.core.engine, finished rows leave the batch, no speculation;
 - `frozen`: the engine with the EAGLE-style drafter trained once (on the first rollout's
   features, `init_steps`) and never again, the draft depth picked by the bandit;
-- `online`: the same drafter trained `train_steps` more after every rollout (TLT).
+- `online`: the same drafter trained `train_steps` more after every rollout (TLT);
+- `fast_compiled`, `online_compiled`: `fast` and `online` with `compile: true` (the decode pass
+  through torch.compile; its compiling falls in the first steps: the median step hides it, the
+  mean and the wall clock do not).
 
 Step time is TRL's own `step_time` (rollout, the drafter's training, the loss and the optimiser
 step); acceptance is drafts kept per row and verification pass (`spec/accepted_per_pass`; TLT's
 accepted length less the one token a pass always yields). Prints one JSON line per config and a
-last line with `step_speedup` (median step time of `generate` over `online`), `step_speedup_fast`,
+last line with `step_speedup` (median step time of `generate` over `online`), `step_speedup_<config>`
+for the others and `wall_speedup_<config>` (the whole run's wall clock, process start included),
 `acceptance_online` and `acceptance_frozen` (mean over the last 10 steps), and the ratios of
 rollout tokens per second of step time; draws reports/plots/tlt_grpo.png (acceptance and step
 time over training).
@@ -47,7 +51,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "fast": {"engine": "fast", "speculative": {}},
     "frozen": {"engine": "fast", "speculative": {**SPEC, "online": False}},
     "online": {"engine": "fast", "speculative": {**SPEC, "online": True}},
+    "fast_compiled": {"engine": "fast", "compile": True, "speculative": {}},
+    "online_compiled": {"engine": "fast", "compile": True, "speculative": {**SPEC, "online": True}},
 }
+SPECULATIVE = ("frozen", "online", "online_compiled")
 
 
 def read_log(path: Path) -> list[dict[str, float]]:
@@ -56,7 +63,7 @@ def read_log(path: Path) -> list[dict[str, float]]:
     return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in rows]
 
 
-def summarise(name: str, log: list[dict[str, float]], wall_s: float, tail: int) -> dict[str, Any]:
+def summarise(name: str, log: list[dict[str, float]], wall_s: float, tail: int, rows: int) -> dict[str, Any]:
     steps = [r for r in log if "step_time" in r]
     times = [r["step_time"] for r in steps]
     lengths = [r.get("completions/mean_length", 0.0) for r in steps]
@@ -65,8 +72,8 @@ def summarise(name: str, log: list[dict[str, float]], wall_s: float, tail: int) 
         "config": name, "steps": len(steps), "wall_s": round(wall_s, 1),
         "step_time_median": round(statistics.median(times), 3), "step_time_mean": round(statistics.mean(times), 3),
         "completion_length_mean": round(statistics.mean(lengths), 1),
-        # 32 completions per step: rollout tokens per second of whole step time
-        "tokens_per_step_s": round(statistics.mean(lengths) * 32 / statistics.mean(times), 1),
+        # `rows` completions a step (prompts_per_step x num_generations): rollout tokens per second of step time
+        "tokens_per_step_s": round(statistics.mean(lengths) * rows / statistics.mean(times), 1),
         "reward_last10": round(statistics.mean(r.get("reward", 0.0) for r in steps[-10:]), 3),
     }
     if acc:  # rows are logged every 5 steps (each the mean of its steps): first / last `tail` steps
@@ -117,7 +124,7 @@ def main() -> None:
     ap.add_argument("--spec", default="{}", help='JSON merged into frozen and online\'s speculative options, '
                                                  'e.g. \'{"train_steps": 30}\'')
     args = ap.parse_args()
-    for name in ("frozen", "online"):
+    for name in SPECULATIVE:
         CONFIGS[name]["speculative"].update(json.loads(args.spec))
     names = [c for c in args.configs.split(",") if c]
     if unknown := set(names) - set(CONFIGS):
@@ -139,19 +146,21 @@ def main() -> None:
                             "--data", args.data, "--rft", args.rft, "--out", str(work / "out")],
                            cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
             logs[name] = read_log(work / "out" / "train_log.csv")
-            results[name] = summarise(name, logs[name], time.perf_counter() - t0, args.tail)
+            rows = p["grpo"].get("prompts_per_step", 4) * p["grpo"].get("num_generations", 8)
+            results[name] = summarise(name, logs[name], time.perf_counter() - t0, args.tail, rows)
             print(json.dumps(results[name]), flush=True)
     plot(logs, Path(args.plot))
     last: dict[str, Any] = {"steps": args.steps, "plot": args.plot}
     if "generate" in results:
         g = results["generate"]
-        for name in ("fast", "frozen", "online"):
-            if name in results:
+        for name in CONFIGS:
+            if name in results and name != "generate":
                 key = "step_speedup" if name == "online" else f"step_speedup_{name}"
                 last[key] = round(g["step_time_median"] / results[name]["step_time_median"], 2)
+                last[f"wall_speedup_{name}"] = round(g["wall_s"] / results[name]["wall_s"], 2)
                 last[f"tokens_per_step_s_ratio_{name}"] = round(
                     results[name]["tokens_per_step_s"] / g["tokens_per_step_s"], 2)
-    for name in ("online", "frozen"):
+    for name in SPECULATIVE:
         if "acceptance_last10" in results.get(name, {}):
             last[f"acceptance_{name}"] = results[name]["acceptance_last10"]
     print(json.dumps(last))

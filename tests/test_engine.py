@@ -353,3 +353,44 @@ def test_eagle_options_are_checked_by_name():
         SpecConfig.from_options({"depth": "auto"})
     with pytest.raises(ValueError, match="speculative.train_steps: expected an integer >= 0"):
         SpecConfig.from_options({"drafter": "eagle", "train_steps": -1})
+
+
+@pytest.mark.slow
+def test_compiled_engine_keeps_greedy_identical_and_feeds_the_eagle_drafter(backends):
+    """`compile: true` decodes through torch.compile of the decoder and output layer: greedy output
+    is still the policy's own, token for token, plain and with eagle drafts, and the drafter's
+    features come out of the compiled graph (a forward hook would not fire inside it)."""
+    from steps.core.drafter import SpecState
+
+    slow, _, prompts = backends
+    sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+    reference = _flat(slow.generate(prompts, sampling))
+    kw = dict(model="unused", model_obj=slow.model, tokenizer_obj=slow.tokenizer, batch_size=64, engine="fast",
+              compile=True)
+    assert _flat(make_backend("transformers", **kw).generate(prompts, sampling)) == reference
+    state = SpecState(SpecConfig(**EAGLE), slow.model.get_output_embeddings().in_features, seed=0)
+    eagle = make_backend("transformers", speculative=EAGLE, spec_state=state, **kw)
+    assert _flat(eagle.generate(prompts, sampling)) == reference  # untrained: records only
+    assert state.drafter.buffered > 0
+    state.after_rollout(slow.model)
+    assert _flat(eagle.generate(prompts, sampling)) == reference
+    assert eagle.last_stats["accepted"] > 0
+
+
+def test_compile_is_refused_where_it_would_decode_another_model(backends):
+    """The compiled pass is the decoder's last state through the output layer; a model whose
+    logits are more than that (Gemma 2's soft cap) is refused by name, and compile is an option
+    of the fast engine only."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    slow, _, _ = backends
+    with pytest.raises(ValueError, match="backend_options.compile: compiling is an option of engine: fast"):
+        make_backend("transformers", model="unused", model_obj=slow.model, tokenizer_obj=slow.tokenizer,
+                     engine="generate", compile=True)
+    capped = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                            final_logit_softcapping=0.5, initializer_range=2.0)).eval()
+    from steps.core.engine import FastEngine
+
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM's logits are not its output layer"):
+        FastEngine(capped, eos_ids=[1], pad_id=0, compile=True)

@@ -106,11 +106,16 @@ class TransformersBackend:
 
     def __init__(self, model: str, batch_size: int = 64, dtype: str = "float32", device: str = "auto",
                  model_obj: Any = None, tokenizer_obj: Any = None, threads: int | None = None,
-                 engine: str = "generate", speculative: dict | None = None, spec_state: Any = None):
+                 engine: str = "generate", speculative: dict | None = None, spec_state: Any = None,
+                 compile: bool = False):
         if engine not in ENGINES:
             raise ValueError(f"backend_options.engine: unknown engine {engine!r}; known: {list(ENGINES)}")
         if speculative and engine != "fast":
             raise ValueError("backend_options.speculative: speculative decoding needs engine: fast")
+        if not isinstance(compile, bool):
+            raise ValueError(f"backend_options.compile: expected true or false, got {compile!r}")
+        if compile and engine != "fast":
+            raise ValueError("backend_options.compile: compiling is an option of engine: fast")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,6 +139,7 @@ class TransformersBackend:
         self.batch_size = batch_size
         self.model_name = model
         self.engine = engine
+        self.compile = compile  # engine fast: torch.compile the decode pass (steps.core.engine.compiled_pass)
         self.spec_state = spec_state  # the drafter and bandit an RL stage keeps across steps (steps.core.drafter)
 
     def generate(self, prompts, sampling, on_batch=None):
@@ -196,7 +202,7 @@ class TransformersBackend:
         from steps.core.engine import FastEngine
 
         engine = FastEngine(self.model, self._eos_ids(), self.tokenizer.pad_token_id, self.speculative,
-                            state=self.spec_state)
+                            state=self.spec_state, compile=self.compile)
         outs = engine.generate(rows, seeds, sampling.temperature, sampling.top_p, sampling.max_new_tokens)
         self.last_stats = dict(engine.stats)
         return [(list(o.token_ids), o.finish_reason == "stop") for o in outs]

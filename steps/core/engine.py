@@ -28,13 +28,23 @@ n-grams) or `eagle`, TLT's drafter trained on the policy's features, which the e
 while it decodes (steps.core.drafter); the depth is fixed or picked per pass by a bandit
 (`depth: bandit`, TLT's bucketed epsilon-greedy).
 
+Compiled (`compile: true`): every pass runs through `torch.compile(dynamic=True)` of the policy's
+decoder and output layer (`compiled_pass`), one graph for every batch size and cache length after
+a first call that compiles (about a minute and a half a process on two CPU cores, less with
+inductor's on-disk cache warm); on these small models a pass is mostly framework work, which the
+compiled graph removes (bench/compile_pass.py). The features the eagle drafter reads come out of
+that graph with the logits, as a forward hook inside a compiled graph does not fire. Outputs are
+the eager engine's up to float noise (a fused kernel sums in another order).
+
 The back ends select it with `engine: fast` (steps.core.backends.TransformersBackend) and the
-RL stages with `engine: fast` in their params section (steps.core.rl.RLConfig).
+RL stages with `engine: fast` in their params section (steps.core.rl.RLConfig); `compile: true`
+beside it in either.
 """
 from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -147,11 +157,47 @@ class PromptLookup:
         self.index.pop(row, None)
 
 
+# One compiled pass per model, shared by the engines built on it (a back end builds one per
+# call): compiling again for each would cost the minute that compiling takes, every rollout.
+_COMPILED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def compiled_pass(model: Any) -> Any:
+    """`fn(ids, mask, pos, cache, keep) -> (features, logits)` of `model`'s last `keep`
+    positions, compiled once per model: the decoder's last hidden state (the input of the output
+    layer, what the eagle drafter reads) and the output layer over it. That is the causal LM's
+    own forward for the models it is checked on here (Qwen3, Qwen3-MoE, Llama); a model whose
+    logits are more than the output layer of that state (a soft cap, a scale) is refused."""
+    if model in _COMPILED:
+        return _COMPILED[model]
+    import torch
+
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+
+    def decode_pass(ids: Any, mask: Any, pos: Any, cache: Any, keep: int) -> tuple[Any, Any]:
+        h = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                    use_cache=True).last_hidden_state[:, -keep:]
+        return h, head(h)
+
+    # Eager, once: the pass must give the model's own logits, or the compiled engine would decode
+    # another model without a word.
+    probe = torch.tensor([[1, 2, 3]], device=next(model.parameters()).device)
+    with torch.inference_mode():
+        want = model(input_ids=probe, use_cache=False).logits[:, -1:].float()
+        _, got = decode_pass(probe, torch.ones_like(probe), torch.arange(3, device=probe.device)[None], None, 1)
+    if not torch.allclose(want, got.float(), rtol=1e-4, atol=1e-4):
+        raise ValueError(f"compile: {type(model).__name__}'s logits are not its output layer over its decoder's "
+                         "last state (a soft cap or a scale?): the compiled pass would decode another model; "
+                         "run this model with compile: false")
+    _COMPILED[model] = torch.compile(decode_pass, dynamic=True)
+    return _COMPILED[model]
+
+
 class FastEngine:
     """Decodes a batch of token-id prompts on `model` (a transformers causal LM, left as it is)."""
 
     def __init__(self, model: Any, eos_ids: Sequence[int], pad_id: int, speculative: SpecConfig | None = None,
-                 state: Any = None):
+                 state: Any = None, compile: bool = False):
         from steps.core.drafter import SpecState
 
         self.model = model
@@ -162,7 +208,9 @@ class FastEngine:
         # else this engine's own.
         self.state = state if state is not None or speculative is None else SpecState(
             speculative, model.get_output_embeddings().in_features)
-        self._feats: list[Any] | None = None  # eagle: the output layer's input, one entry per pass
+        self._feats: list[Any] = []  # eagle: the output layer's input, one entry per pass
+        self._records = False  # whether this call's passes keep them (an eagle drafter is on)
+        self._pass = compiled_pass(model) if compile else None
         # row_steps: rows decoded, summed over passes; drafted / accepted: draft tokens proposed
         # and kept over verification passes (mean accepted per pass = accepted / verify_row_passes)
         self.stats = {"forward_passes": 0, "row_steps": 0, "verify_passes": 0, "verify_row_passes": 0,
@@ -185,17 +233,23 @@ class FastEngine:
         from steps.core.drafter import output_features
 
         # eagle: the features of each pass, (b, keep, d), read (and dropped) by _Run._record
-        records = self.state is not None and self.state.drafter is not None
-        with output_features(self.model) if records else contextlib.nullcontext() as self._feats, \
+        self._records = self.state is not None and self.state.drafter is not None
+        hook = self._records and self._pass is None  # compiled: forward() keeps them
+        with output_features(self.model) if hook else contextlib.nullcontext([]) as self._feats, \
                 torch.inference_mode():
             return _Run(self, prompts, seeds, temperature, top_p, max_new_tokens).decode()
 
     def forward(self, ids: Any, mask: Any, pos: Any, cache: Any, keep: int = 1) -> Any:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=keep)
+        if self._pass is not None:
+            feats, logits = self._pass(ids, mask, pos, cache, keep)
+            if self._records:
+                self._feats.append(feats)
+        else:
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                use_cache=True, logits_to_keep=keep).logits
         self.stats["forward_passes"] += 1
         self.stats["row_steps"] += ids.shape[0]
-        return out.logits[:, -keep:, :].float()  # (b, keep, V), as model.generate hands scores to its processors
+        return logits[:, -keep:, :].float()  # (b, keep, V), as model.generate hands scores to its processors
 
 
 class _Run:

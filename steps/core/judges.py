@@ -19,7 +19,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from steps.core.metrics import content_tokens, coverage, exact_match, extract_answer, max_over, normalize_answer, sentences
+from steps.core.metrics import content_tokens, context_texts, coverage, exact_match, extract_answer, max_over, normalize_answer, sentences
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,7 @@ class RuleJudge:
         return Verdict(correct, helpful, why)
 
     def _ecommerce(self, ex: dict[str, Any], response: str) -> Verdict:
-        context = set(content_tokens(" ".join(ex["documents"] + [t["content"] for t in ex["history"]]
-                                             + [ex["question"]])))
+        context = set(content_tokens(" ".join(context_texts(ex))))
         sents = sentences(response)
         ungrounded = [s for s in sents if coverage(s, context) < self.grounding_threshold]
         tokens = set(content_tokens(response))

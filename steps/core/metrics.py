@@ -71,6 +71,12 @@ def content_tokens(text: str) -> list[str]:
     return [t for t in normalize_answer(text).split() if t not in STOPWORDS]
 
 
+def context_texts(example: dict) -> list[str]:
+    """What an answer may be grounded in: the example's documents, its history turns and its
+    question, in that order (the rule judge and the grounding reward read the same list)."""
+    return list(example["documents"]) + [t["content"] for t in example["history"]] + [example["question"]]
+
+
 def coverage(text: str, vocabulary: set[str]) -> float:
     """Fraction of the content tokens of `text` found in `vocabulary` (1.0 when it has none)."""
     toks = content_tokens(text)

@@ -102,6 +102,8 @@ class RLConfig:
     speculative: dict = field(default_factory=dict, metadata={
         "help": "engine fast: speculative decoding in the batch's tail, e.g. {draft_tokens: 4, max_batch: 4} "
                 "(steps.core.engine.SpecConfig; empty: off)"})
+    compile: bool = help_field(False, "engine fast: torch.compile the decode pass (a minute or two of compiling "
+                                      "a process on CPU, then cheaper passes; README, TLT)")
     lambda_aux: float = help_field(0.01, "MoE load-balancing loss weight (ignored for dense models)", ge=0.0)
     bf16: bool | None = help_field(None, "None: on GPU only")
     threads: int = help_field(2, "torch CPU threads", ge=1)
@@ -123,6 +125,8 @@ class RLConfig:
             if self.engine != "fast":
                 raise ValueError("speculative: speculative decoding needs engine: fast")
             SpecConfig.from_options(self.speculative, "speculative")
+        if self.compile and self.engine != "fast":
+            raise ValueError("compile: compiling is an option of engine: fast")
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed")
         server = self.vllm_server  # unknown keys and bad values fail here, with the key's name
@@ -263,6 +267,7 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
                                                         states[0].warm_start(model, seqs).items()})
                 backend = TransformersBackend("policy", model_obj=model, tokenizer_obj=tok, batch_size=len(prompts),
                                               engine=cfg.engine, speculative=cfg.speculative or None,
+                                              compile=cfg.compile,
                                               spec_state=states[0] if states else None)
             rollout = make_rollout(cfg.protocol, backend, **cfg.protocol_options)
             step = trainer.state.global_step

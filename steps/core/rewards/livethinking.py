@@ -124,7 +124,7 @@ def make_grounding(unit: str = "context", threshold: float = 0.9) -> RewardFn:
     the zentra jacket of the next listing has every word in the context (1.0 by `context`) but
     no source that says it (0 by `claim`). Such sentences are how the embedded default's student
     answers e-commerce questions wrongly (README, Measured results)."""
-    from steps.core.metrics import content_tokens, coverage, sentences
+    from steps.core.metrics import content_tokens, context_texts, coverage, sentences
 
     if unit not in ("context", "claim"):
         raise ValueError(f"grounding.unit: expected 'context' or 'claim', got {unit!r}")
@@ -135,7 +135,7 @@ def make_grounding(unit: str = "context", threshold: float = 0.9) -> RewardFn:
         out = []
         for c, ex in zip(completions, examples_of(len(completions), columns), strict=True):
             thinking = split_completion(c)[0]
-            texts = ex["documents"] + [t["content"] for t in ex["history"]] + [ex["question"]]
+            texts = context_texts(ex)
             if not thinking:
                 out.append(0.0)
             elif unit == "context":
