@@ -73,6 +73,12 @@ def test_row_sampler_draws_from_softmax_at_temperature_and_respects_top_p():
     a = RowSampler([7, 8], 1.0, 1.0, 3, "cpu").uniforms(5)
     b = RowSampler([9, 7], 1.0, 1.0, 3, "cpu").uniforms(5)
     assert a[0] == b[1] and a[0] != RowSampler([7], 1.0, 1.0, 3, "cpu").uniforms(6)[0]
+    # (R, k) positions at once (speculative verification): the same numbers as k calls, both streams.
+    rows = RowSampler([7, 8, 9], 1.0, 1.0, 3, "cpu")
+    at = torch.tensor([4, 9, 0])
+    for stream in (0, 1):
+        wide = rows.uniforms(at.unsqueeze(1) + torch.arange(3), stream=stream)
+        assert torch.equal(wide, torch.stack([rows.uniforms(at + j, stream=stream) for j in range(3)], 1))
 
 
 def test_openai_backend_alone_and_in_a_batch(serve):

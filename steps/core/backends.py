@@ -247,9 +247,12 @@ class RowSampler:
 
     def uniforms(self, step: Any, stream: int = 0) -> Any:
         """(R,) float32 in (0, 1): row r's draw at generated position `step` (an int, or an (R,)
-        tensor when rows are at different positions). `stream` 1 is a second, independent stream
-        (speculative decoding's accept tests; 0 is the one every token is drawn from)."""
+        tensor when rows are at different positions; an (R, k) tensor gives (R, k), k positions
+        a row). `stream` 1 is a second, independent stream (speculative decoding's accept tests;
+        0 is the one every token is drawn from)."""
         keys = _mix32((self.keys ^ _STREAM32) & _MASK32) if stream else self.keys
+        if getattr(step, "dim", lambda: 0)() == 2:
+            keys = keys.unsqueeze(1)
         bits = _mix32((keys + step * _GOLDEN32) & _MASK32)
         return ((bits.double() + 0.5) / 2.0 ** 32).float()
 

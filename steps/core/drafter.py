@@ -99,8 +99,10 @@ class Drafter:
         embed_w = policy.get_input_embeddings().weight
         head = policy.get_output_embeddings()
         out = []
-        block = self.block.to(feat.device)
-        w = next(block.parameters()).dtype
+        w = next(self.block.parameters())
+        # Moved once, not per call: Module.to walks every parameter, which costs more than a draft.
+        block = self.block if w.device == feat.device else self.block.to(feat.device)
+        w = w.dtype
         with torch.inference_mode():
             for _ in range(k):
                 feat = block(feat.to(w), torch.nn.functional.embedding(tok, embed_w).to(w))

@@ -324,7 +324,7 @@ class _Run:
                 self.bandit.update(b, depth, sum(len(o) for o in emitted), time.perf_counter() - t0)
             self._advance(emitted)
         if self.eagle is not None:
-            self.eagle.record([(toks, torch.stack(feats)) for toks, feats in self.rec.values() if feats])
+            self.eagle.record([(toks, torch.cat(feats)) for toks, feats in self.rec.values() if feats])
         return [Generated(tuple(g), f) for g, f in zip(self.gen, self.finish)]  # type: ignore[arg-type]
 
     def _record(self, fed: Any, last: list[int]) -> None:
@@ -339,7 +339,7 @@ class _Run:
         for i, r in enumerate(self.alive):
             toks, fs = self.rec[r]
             toks.extend(fed_rows[i][:last[i] + 1])
-            fs.extend(feats[i, :last[i] + 1])
+            fs.append(feats[i, :last[i] + 1])  # (n, d) chunks, one per pass
         self.feat = feats[torch.arange(len(self.alive), device=feats.device), torch.tensor(last, device=feats.device)]
 
     def _steps(self) -> Any:
@@ -372,42 +372,37 @@ class _Run:
 
         e, b = self.e, len(self.alive)
         k = max(len(d) for d in drafts)
-        block = torch.full((b, k + 1), e.pad_id, dtype=torch.long, device=self.dev)
-        block[:, 0] = self.tok
-        for i, d in enumerate(drafts):
-            if d:
-                block[i, 1:1 + len(d)] = torch.tensor(d, device=self.dev)
+        padded = torch.tensor([d + [e.pad_id] * (k - len(d)) for d in drafts], dtype=torch.long, device=self.dev)
+        block = torch.cat([self.tok.unsqueeze(1), padded], 1)  # (b, k+1): the pending token, then the drafts
         pos = self.nxt.unsqueeze(1) + torch.arange(k + 1, device=self.dev)  # (b, k+1)
         self.mask = torch.cat([self.mask, self.mask.new_ones((b, k + 1))], dim=1)
         logits = e.forward(block, self.mask, pos, self.cache, keep=k + 1)  # (b, k+1, V)
         steps = self._steps()  # the position of each row's first draft
+        # Row by row in one go: ok[i, j], draft j of row i is kept (and every one before it);
+        # at the first refusal (or past the last draft) the row takes one token of the policy's.
+        lens = torch.tensor([len(d) for d in drafts], device=self.dev)
+        cols = torch.arange(k, device=self.dev)
+        rows = torch.arange(b, device=self.dev)
+        drafted = block[:, 1:]  # (b, k)
         if self.sampler:
             probs = self.sampler.probs(logits.reshape(b * (k + 1), -1)).view(b, k + 1, -1)
-            p_draft = probs[:, :k].gather(2, block[:, 1:].unsqueeze(2)).squeeze(2).tolist()  # (b, k)
-            u_accept = torch.stack([self.sampler.uniforms(steps + j, stream=1) for j in range(k)], 1).tolist()
-            u_draw = torch.stack([self.sampler.uniforms(steps + j) for j in range(k + 1)], 1)  # (b, k+1)
+            p_draft = probs[:, :k].gather(2, drafted.unsqueeze(2)).squeeze(2)  # (b, k)
+            ok = self.sampler.uniforms(steps.unsqueeze(1) + cols, stream=1) < p_draft
         else:
-            best = logits.argmax(-1).tolist()  # (b, k+1)
-        emitted = []
-        for i, d in enumerate(drafts):
-            out = []
-            for j, t in enumerate(d):
-                if (u_accept[i][j] < p_draft[i][j]) if self.sampler else best[i][j] == t:
-                    out.append(t)
-                    continue
-                if self.sampler:
-                    residual = probs[i, j].clone()
-                    residual[t] = 0.0
-                    out.append(int(self.sampler.inverse_cdf(residual.unsqueeze(0), u_draw[i, j:j + 1])))
-                else:
-                    out.append(best[i][j])
-                break
-            else:  # every draft kept: the policy's own next token comes free from the same pass
-                j = len(d)
-                out.append(int(self.sampler.inverse_cdf(probs[i, j:j + 1], u_draw[i, j:j + 1])) if self.sampler
-                           else best[i][j])
-            emitted.append(out)
-        accepted = [len(o) - 1 for o in emitted]  # drafts kept: all but the last emitted token
+            best = logits.argmax(-1)  # (b, k+1)
+            ok = best[:, :k] == drafted
+        a = (ok & (cols < lens.unsqueeze(1))).long().cumprod(1).sum(1)  # (b,) drafts kept
+        if self.sampler:
+            # Sampling, a draft d refused: the token comes from p with d removed, renormalised (the
+            # residual (p - q)+ of a one-token proposal q = delta(d)); every draft kept: from p.
+            last = probs[rows, a]  # (b, V)
+            refused = a < lens
+            last[rows[refused], drafted[refused, a[refused]]] = 0.0
+            final = self.sampler.inverse_cdf(last, self.sampler.uniforms(steps + a))
+        else:
+            final = best[rows, a]
+        accepted = a.tolist()
+        emitted = [d[:n] + [t] for d, n, t in zip(drafts, accepted, final.tolist())]
         e.stats["verify_passes"] += 1
         e.stats["verify_row_passes"] += b
         e.stats["drafted"] += sum(len(d) for d in drafts)
@@ -418,12 +413,10 @@ class _Run:
             self.pause, self.accept_mean = e.spec.backoff_steps, None
         # Fed columns beyond the last token and the kept drafts hold rejected (or padding)
         # tokens: masked from now on, and cut from the cache once no row needs the column.
-        a = torch.tensor(accepted, device=self.dev)
-        cols = torch.arange(k + 1, device=self.dev)
-        self.mask[:, -(k + 1):] = (cols.unsqueeze(0) <= a.unsqueeze(1)).long()
+        self.mask[:, -(k + 1):] = (torch.arange(k + 1, device=self.dev) <= a.unsqueeze(1)).long()
         self._record(block, accepted)
         self.nxt = self.nxt + a + 1
-        self.tok = torch.tensor([o[-1] for o in emitted], device=self.dev)
+        self.tok = final
         return emitted
 
     def _advance(self, emitted: list[list[int]]) -> None:
