@@ -41,7 +41,10 @@ Prints one JSON line per (profile, engine) and a last line with the ratios (toke
 path over `generate` and over `trl`), measured in the same run. Tokens are the generated ones,
 end-of-sequence excluded; seconds the median of `--repeats` after one warm-up, wall clock and
 the process's CPU time (`cpu_*`: on a machine shared with other jobs the wall clock also counts
-the time the process waited for a core; with one thread the CPU time does not).
+the time the process waited for a core; with one thread the CPU time does not). The timed runs go
+round robin (round r: one rollout of each path, seed r), so a slow stretch of a shared machine
+falls on every path alike; the headline ratios come twice, as the ratio of the medians and as the
+median of each round's ratio (`..._rounds`).
 """
 from __future__ import annotations
 
@@ -266,6 +269,7 @@ def main() -> None:
                 LengthHook(model, tok.eos_token_id, len(tok(prompts[0], add_special_tokens=False)["input_ids"]),
                            hazard(length_pmf(profile, args.max_new_tokens)))
             texts = [p for p in prompts for _ in range(args.k)]
+            runs = {}
             for engine in engines:
                 kind = engine.removesuffix("_compiled")  # the engine a compiled variant runs
                 try:
@@ -276,31 +280,46 @@ def main() -> None:
                         for w in range(args.eagle_warmup):
                             chunk = warm_prompts[w * args.prompts:(w + 1) * args.prompts] or prompts
                             run([p for p in chunk for _ in range(args.k)], seed=1000 + w)
-                    STATS.clear()
-                    times, cpu, lengths = [], [], []
-                    for r in range(args.repeats):
-                        t0, c0 = time.perf_counter(), time.process_time()
-                        lens = run(texts, seed=r)
-                        times.append(time.perf_counter() - t0)
-                        cpu.append(time.process_time() - c0)
-                        lengths.extend(lens)
+                    runs[engine] = run
                 except Exception as e:  # a path that does not run here is reported, not hidden
-                    line = {"profile": profile, "engine": engine, "error": f"{type(e).__name__}: {e}"[:400]}
-                    print(json.dumps(line), flush=True)
-                    continue
+                    print(json.dumps({"profile": profile, "engine": engine, "error": f"{type(e).__name__}: {e}"[:400]}),
+                          flush=True)
+            # Round robin: each round times one rollout of every path, so a stretch in which the
+            # shared machine runs slower slows every path alike instead of the one timed then.
+            timed = {e: {"times": [], "cpu": [], "lengths": [], "tokens": [], "stats": {}} for e in runs}
+            for r in range(args.repeats):
+                for engine, run in list(runs.items()):
+                    STATS.clear()
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    try:
+                        lens = run(texts, seed=r)
+                    except Exception as e:
+                        print(json.dumps({"profile": profile, "engine": engine, "error": f"{type(e).__name__}: {e}"[:400]}),
+                              flush=True)
+                        del runs[engine], timed[engine]
+                        continue
+                    got = timed[engine]
+                    got["times"].append(time.perf_counter() - t0)
+                    got["cpu"].append(time.process_time() - c0)
+                    got["lengths"].extend(lens)
+                    got["tokens"].append(sum(lens))
+                    for key, v in STATS.items():
+                        got["stats"][key] = got["stats"].get(key, 0) + v
+            for engine, got in timed.items():
+                kind = engine.removesuffix("_compiled")
+                times, cpu, lengths, stats = got["times"], got["cpu"], sorted(got["lengths"]), got["stats"]
                 sec, cpu_sec = statistics.median(times), statistics.median(cpu)
                 tokens = sum(lengths) / args.repeats
-                lengths.sort()
                 line = {"profile": profile, "engine": engine, "rows": len(texts), "tokens_per_s": round(tokens / sec, 1),
                         "cpu_tokens_per_s": round(tokens / cpu_sec, 1),
                         "seconds_median": round(sec, 3), "seconds": [round(t, 3) for t in times],
                         "cpu_seconds": [round(t, 3) for t in cpu],
-                        "tokens_per_run": tokens, "length_mean": round(statistics.mean(lengths), 1),
+                        "tokens_per_run": tokens, "tokens": got["tokens"], "length_mean": round(statistics.mean(lengths), 1),
                         "length_p50": lengths[len(lengths) // 2], "length_p90": lengths[int(len(lengths) * 0.9)],
                         "length_max": lengths[-1], "length_min": lengths[0]}
-                if kind in ("fast_spec", "fast_eagle") and STATS.get("verify_row_passes"):
-                    line.update(accepted_per_row_pass=round(STATS["accepted"] / STATS["verify_row_passes"], 3),
-                                forward_passes_per_run=STATS["forward_passes"] / args.repeats,
+                if kind in ("fast_spec", "fast_eagle") and stats.get("verify_row_passes"):
+                    line.update(accepted_per_row_pass=round(stats["accepted"] / stats["verify_row_passes"], 3),
+                                forward_passes_per_run=stats["forward_passes"] / args.repeats,
                                 draft_tokens=args.draft_tokens, spec_max_batch=args.spec_max_batch)
                 results.setdefault(profile, {})[engine] = line
                 print(json.dumps(line), flush=True)
@@ -318,6 +337,12 @@ def main() -> None:
             for ours, suffix in (("fast_eagle", ""), ("fast_eagle_compiled", "_compiled")):
                 if ours in by and base in by:
                     headline[f"{profile}/{key}{suffix}"] = round(by[ours]["tokens_per_s"] / by[base]["tokens_per_s"], 2)
+                    # Each round's ratio of tokens/s, then their median: the figure least moved by
+                    # the machine's drift (the two were timed next to each other in every round).
+                    per_round = [(by[ours]["tokens"][r] / by[ours]["seconds"][r])
+                                 / (by[base]["tokens"][r] / by[base]["seconds"][r])
+                                 for r in range(min(len(by[base]["seconds"]), len(by[ours]["seconds"])))]
+                    headline[f"{profile}/{key}{suffix}_rounds"] = round(statistics.median(per_round), 2)
     print(json.dumps({**headline, "ratios_tokens_per_s": ratios, "ratios_cpu_tokens_per_s": cpu_ratios, "threads": args.threads, "repeats": args.repeats,
                       "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()}))
 
