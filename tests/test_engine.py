@@ -358,8 +358,8 @@ def test_eagle_options_are_checked_by_name():
 @pytest.mark.slow
 def test_compiled_engine_keeps_greedy_identical_and_feeds_the_eagle_drafter(backends):
     """`compile: true` decodes through torch.compile of the decoder and output layer: greedy output
-    is still the policy's own, token for token, plain and with eagle drafts, and the drafter's
-    features come out of the compiled graph (a forward hook would not fire inside it)."""
+    is still the policy's own, token for token, plain and with eagle drafts (themselves compiled), and
+    the drafter's features come out of the compiled graph (a forward hook would not fire inside it)."""
     from steps.core.drafter import SpecState
 
     slow, _, prompts = backends
@@ -375,6 +375,7 @@ def test_compiled_engine_keeps_greedy_identical_and_feeds_the_eagle_drafter(back
     state.after_rollout(slow.model)
     assert _flat(eagle.generate(prompts, sampling)) == reference
     assert eagle.last_stats["accepted"] > 0
+    assert state.drafter._compiled is not None  # the drafts went through the drafter's compiled step
 
 
 def test_compile_is_refused_where_it_would_decode_another_model(backends):

@@ -89,26 +89,38 @@ class Drafter:
         self.rng = torch.Generator().manual_seed(seed)
         self.feat_in = self.tok_in = self.feat_out = None  # the buffer, newest last
         self.trained_steps = 0
+        self._compiled: Any = None  # _draft through torch.compile, built on first use
 
     # -- drafting ---------------------------------------------------------------------------------
 
-    def propose(self, policy: Any, feat: Any, tok: Any, k: int) -> Any:
+    def propose(self, policy: Any, feat: Any, tok: Any, k: int, compiled: bool = False) -> Any:
         """(b, k) greedy draft tokens after each row's pending token `tok` (b,), from the
-        feature `feat` (b, d) of the position that produced it."""
+        feature `feat` (b, d) of the position that produced it. `compiled`: each draft through
+        `torch.compile` (the engine's `compile: true`): on a CPU a draft is a dozen tiny kernels,
+        mostly framework work, as the policy's pass is."""
         torch = _torch()
         embed_w = policy.get_input_embeddings().weight
         head = policy.get_output_embeddings()
         out = []
         w = next(self.block.parameters())
         # Moved once, not per call: Module.to walks every parameter, which costs more than a draft.
-        block = self.block if w.device == feat.device else self.block.to(feat.device)
-        w = w.dtype
+        if w.device != feat.device:
+            self.block.to(feat.device)
+        if compiled and self._compiled is None:
+            self._compiled = torch.compile(self._draft, dynamic=True)
+        draft = self._compiled if compiled else self._draft
         with torch.inference_mode():
             for _ in range(k):
-                feat = block(feat.to(w), torch.nn.functional.embedding(tok, embed_w).to(w))
-                tok = head(feat.to(head.weight.dtype)).argmax(-1)
+                feat, tok = draft(feat, tok, embed_w, head)
                 out.append(tok)
         return torch.stack(out, 1)
+
+    def _draft(self, feat: Any, tok: Any, embed_w: Any, head: Any) -> tuple[Any, Any]:
+        """One draft: (the predicted next feature, its greedy token)."""
+        torch = _torch()
+        w = self.block.fuse.weight.dtype
+        feat = self.block(feat.to(w), torch.nn.functional.embedding(tok, embed_w).to(w))
+        return feat, head(feat.to(head.weight.dtype)).argmax(-1)
 
     # -- learning ---------------------------------------------------------------------------------
 

@@ -33,8 +33,9 @@ decoder and output layer (`compiled_pass`), one graph for every batch size and c
 a first call that compiles (about a minute and a half a process on two CPU cores, less with
 inductor's on-disk cache warm); on these small models a pass is mostly framework work, which the
 compiled graph removes (bench/compile_pass.py). The features the eagle drafter reads come out of
-that graph with the logits, as a forward hook inside a compiled graph does not fire. Outputs are
-the eager engine's up to float noise (a fused kernel sums in another order).
+that graph with the logits, as a forward hook inside a compiled graph does not fire; the drafter's
+own drafts are compiled too (`Drafter.propose`). Outputs are the eager engine's up to float noise (a
+fused kernel sums in another order).
 
 The back ends select it with `engine: fast` (steps.core.backends.TransformersBackend) and the
 RL stages with `engine: fast` in their params section (steps.core.rl.RLConfig); `compile: true`
@@ -357,7 +358,8 @@ class _Run:
         if self.eagle is None:
             return [self.lookup.propose(r, k) for r, k in zip(self.alive, room)]
         t0 = time.perf_counter()
-        proposed = self.eagle.propose(self.e.model, self.feat, self.tok, max(room)).tolist() if max(room) else []
+        proposed = (self.eagle.propose(self.e.model, self.feat, self.tok, max(room), compiled=self.e._pass is not None)
+                    .tolist() if max(room) else [])
         self.e.stats["draft_seconds"] += time.perf_counter() - t0
         return [p[:k] for p, k in zip(proposed, room)] if proposed else [[] for _ in room]
 
