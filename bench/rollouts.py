@@ -49,6 +49,7 @@ median of each round's ratio (`..._rounds`).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -211,7 +212,9 @@ def runner(engine: str, model: Any, tok: Any, tmp: Path, args: argparse.Namespac
                 STATS[key] = STATS.get(key, 0) + v
             return [cs[0].completion_tokens for cs in outs]
         return run
-    trainer = trl_trainer(model, tok, tmp, args, cb=engine == "trl_cb")
+    # A copy of its own: TRL's continuous-batching path casts the policy to bf16 in place (its
+    # `bf16` default) and leaves it in train mode, which would carry over to every path after it.
+    trainer = trl_trainer(copy.deepcopy(model), tok, tmp, args, cb=engine == "trl_cb")
     eos = set(trainer.eos_token_ids) if hasattr(trainer, "eos_token_ids") else {tok.eos_token_id}
 
     def run(texts: list[str], seed: int) -> list[int]:
