@@ -24,7 +24,9 @@ last line with `step_speedup` (median step time of `generate` over `online`), `s
 for the others and `wall_speedup_<config>` (the whole run's wall clock, process start included),
 `acceptance_online` and `acceptance_frozen` (mean over the last 10 steps), and the ratios of
 rollout tokens per second of step time; draws reports/plots/tlt_grpo.png (acceptance and step
-time over training).
+time over training). `--rounds N` runs the configs round robin N times (generate, online,
+generate, online, ...) and gives each ratio per round (`*_rounds`) and their median: the speed of
+a shared machine drifts over the minutes one run takes.
 """
 from __future__ import annotations
 
@@ -101,7 +103,8 @@ def plot(logs: dict[str, list[dict[str, float]]], out: Path) -> None:
         if acc:
             a.plot(*zip(*acc), label=name, lw=1)
     a.set(title="drafts kept per row and verification pass", xlabel="GRPO step")
-    b.set(title="GRPO step time (s)", xlabel="GRPO step")
+    # log scale: a compiled config's first steps (the compiling, a minute) would flatten the rest
+    b.set(title="GRPO step time (s, log scale)", xlabel="GRPO step", yscale="log")
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -118,6 +121,8 @@ def main() -> None:
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--rft", default=str(ROOT / "data/rft/model"))
     ap.add_argument("--data", default=str(ROOT / "data/ingest/train.jsonl"))
+    ap.add_argument("--rounds", type=int, default=1, help="run the configs round robin this many times; the "
+                                                          "ratios are per round, then their median")
     ap.add_argument("--tail", type=int, default=10, help="steps averaged for the final acceptance")
     ap.add_argument("--plot", default=str(ROOT / "reports/plots/tlt_grpo.png"))
     ap.add_argument("--keep", help="a directory to keep each run's output in (default: a temporary one)")
@@ -132,37 +137,49 @@ def main() -> None:
     if not Path(args.rft).is_dir():
         ap.error(f"--rft {args.rft}: no such model directory (dvc repro --single-item rft makes it)")
     params = yaml.safe_load(Path(args.params).read_text())
-    results, logs = {}, {}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    logs: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         base = Path(args.keep or tmp_dir)
-        for name in names:
-            p = {**params, "grpo": {**params["grpo"], "max_steps": args.steps, **CONFIGS[name]}}
-            work = base / name
-            work.mkdir(parents=True, exist_ok=True)
-            (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-            env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "steps.grpo", "--params", str(work / "params.yaml"),
-                            "--data", args.data, "--rft", args.rft, "--out", str(work / "out")],
-                           cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-            logs[name] = read_log(work / "out" / "train_log.csv")
-            rows = p["grpo"].get("prompts_per_step", 4) * p["grpo"].get("num_generations", 8)
-            results[name] = summarise(name, logs[name], time.perf_counter() - t0, args.tail, rows)
-            print(json.dumps(results[name]), flush=True)
+        # Round robin (each round runs every config once): on a shared machine whose speed drifts
+        # over minutes, a config timed alone in a slow stretch would look slower than it is.
+        for r in range(args.rounds):
+            for name in names:
+                p = {**params, "grpo": {**params["grpo"], "max_steps": args.steps, **CONFIGS[name]}}
+                work = base / (name if args.rounds == 1 else f"{name}.round{r}")
+                work.mkdir(parents=True, exist_ok=True)
+                (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+                env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "steps.grpo", "--params", str(work / "params.yaml"),
+                                "--data", args.data, "--rft", args.rft, "--out", str(work / "out")],
+                               cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+                log = read_log(work / "out" / "train_log.csv")
+                logs.setdefault(name, log)  # the plot: the first round's
+                rows = p["grpo"].get("prompts_per_step", 4) * p["grpo"].get("num_generations", 8)
+                line = summarise(name, log, time.perf_counter() - t0, args.tail, rows)
+                runs[name].append(line)
+                print(json.dumps({**line, "round": r} if args.rounds > 1 else line), flush=True)
     plot(logs, Path(args.plot))
-    last: dict[str, Any] = {"steps": args.steps, "plot": args.plot}
-    if "generate" in results:
-        g = results["generate"]
+    last: dict[str, Any] = {"steps": args.steps, "rounds": args.rounds, "plot": args.plot}
+    if "generate" in runs:
+        g = runs["generate"]
         for name in CONFIGS:
-            if name in results and name != "generate":
+            if name in runs and name != "generate":
                 key = "step_speedup" if name == "online" else f"step_speedup_{name}"
-                last[key] = round(g["step_time_median"] / results[name]["step_time_median"], 2)
-                last[f"wall_speedup_{name}"] = round(g["wall_s"] / results[name]["wall_s"], 2)
-                last[f"tokens_per_step_s_ratio_{name}"] = round(
-                    results[name]["tokens_per_step_s"] / g["tokens_per_step_s"], 2)
+                # per round, then the median over rounds (one round: the round's ratio)
+                for figure, field, ours_over_base in ((key, "step_time_median", False),
+                                                      (f"wall_speedup_{name}", "wall_s", False),
+                                                      (f"tokens_per_step_s_ratio_{name}", "tokens_per_step_s", True)):
+                    ratios = [(o[field] / b[field]) if ours_over_base else (b[field] / o[field])
+                              for b, o in zip(g, runs[name])]
+                    last[figure] = round(statistics.median(ratios), 2)
+                    if args.rounds > 1:
+                        last[f"{figure}_rounds"] = [round(x, 2) for x in ratios]
     for name in SPECULATIVE:
-        if "acceptance_last10" in results.get(name, {}):
-            last[f"acceptance_{name}"] = results[name]["acceptance_last10"]
+        acc = [line["acceptance_last10"] for line in runs.get(name, []) if "acceptance_last10" in line]
+        if acc:
+            last[f"acceptance_{name}"] = round(statistics.median(acc), 3)
     print(json.dumps(last))
 
 
