@@ -227,6 +227,10 @@ def runner(engine: str, model: Any, tok: Any, tmp: Path, args: argparse.Namespac
     return run
 
 
+def report_error(profile: str, engine: str, e: Exception) -> None:
+    print(json.dumps({"profile": profile, "engine": engine, "error": f"{type(e).__name__}: {e}"[:400]}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step (params grpo.prompts_per_step)")
@@ -285,8 +289,7 @@ def main() -> None:
                             run([p for p in chunk for _ in range(args.k)], seed=1000 + w)
                     runs[engine] = run
                 except Exception as e:  # a path that does not run here is reported, not hidden
-                    print(json.dumps({"profile": profile, "engine": engine, "error": f"{type(e).__name__}: {e}"[:400]}),
-                          flush=True)
+                    report_error(profile, engine, e)
             # Round robin: each round times one rollout of every path, so a stretch in which the
             # shared machine runs slower slows every path alike instead of the one timed then.
             timed = {e: {"times": [], "cpu": [], "lengths": [], "tokens": [], "stats": {}} for e in runs}
@@ -297,8 +300,7 @@ def main() -> None:
                     try:
                         lens = run(texts, seed=r)
                     except Exception as e:
-                        print(json.dumps({"profile": profile, "engine": engine, "error": f"{type(e).__name__}: {e}"[:400]}),
-                              flush=True)
+                        report_error(profile, engine, e)
                         del runs[engine], timed[engine]
                         continue
                     got = timed[engine]
@@ -312,7 +314,7 @@ def main() -> None:
                 kind = engine.removesuffix("_compiled")
                 times, cpu, lengths, stats = got["times"], got["cpu"], sorted(got["lengths"]), got["stats"]
                 sec, cpu_sec = statistics.median(times), statistics.median(cpu)
-                tokens = sum(lengths) / args.repeats
+                tokens = statistics.mean(got["tokens"])
                 line = {"profile": profile, "engine": engine, "rows": len(texts), "tokens_per_s": round(tokens / sec, 1),
                         "cpu_tokens_per_s": round(tokens / cpu_sec, 1),
                         "seconds_median": round(sec, 3), "seconds": [round(t, 3) for t in times],

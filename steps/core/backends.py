@@ -251,7 +251,7 @@ class RowSampler:
         a row). `stream` 1 is a second, independent stream (speculative decoding's accept tests;
         0 is the one every token is drawn from)."""
         keys = _mix32((self.keys ^ _STREAM32) & _MASK32) if stream else self.keys
-        if getattr(step, "dim", lambda: 0)() == 2:
+        if getattr(step, "ndim", 0) == 2:
             keys = keys.unsqueeze(1)
         bits = _mix32((keys + step * _GOLDEN32) & _MASK32)
         return ((bits.double() + 0.5) / 2.0 ** 32).float()

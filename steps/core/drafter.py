@@ -102,9 +102,8 @@ class Drafter:
         embed_w = policy.get_input_embeddings().weight
         head = policy.get_output_embeddings()
         out = []
-        w = next(self.block.parameters())
         # Moved once, not per call: Module.to walks every parameter, which costs more than a draft.
-        if w.device != feat.device:
+        if self.block.fuse.weight.device != feat.device:
             self.block.to(feat.device)
         if compiled and self._compiled is None:
             self._compiled = torch.compile(self._draft, dynamic=True)

@@ -374,8 +374,8 @@ class _Run:
 
         e, b = self.e, len(self.alive)
         k = max(len(d) for d in drafts)
-        padded = torch.tensor([d + [e.pad_id] * (k - len(d)) for d in drafts], dtype=torch.long, device=self.dev)
-        block = torch.cat([self.tok.unsqueeze(1), padded], 1)  # (b, k+1): the pending token, then the drafts
+        drafted = torch.tensor([d + [e.pad_id] * (k - len(d)) for d in drafts], dtype=torch.long, device=self.dev)
+        block = torch.cat([self.tok.unsqueeze(1), drafted], 1)  # (b, k+1): the pending token, then the drafts
         pos = self.nxt.unsqueeze(1) + torch.arange(k + 1, device=self.dev)  # (b, k+1)
         self.mask = torch.cat([self.mask, self.mask.new_ones((b, k + 1))], dim=1)
         logits = e.forward(block, self.mask, pos, self.cache, keep=k + 1)  # (b, k+1, V)
@@ -385,7 +385,6 @@ class _Run:
         lens = torch.tensor([len(d) for d in drafts], device=self.dev)
         cols = torch.arange(k, device=self.dev)
         rows = torch.arange(b, device=self.dev)
-        drafted = block[:, 1:]  # (b, k)
         if self.sampler:
             probs = self.sampler.probs(logits.reshape(b * (k + 1), -1)).view(b, k + 1, -1)
             p_draft = probs[:, :k].gather(2, drafted.unsqueeze(2)).squeeze(2)  # (b, k)
