@@ -78,6 +78,11 @@ def summarise(name: str, log: list[dict[str, float]], wall_s: float, tail: int, 
         "tokens_per_step_s": round(statistics.mean(lengths) * rows / statistics.mean(times), 1),
         "reward_last10": round(statistics.mean(r.get("reward", 0.0) for r in steps[-10:]), 3),
     }
+    # Where a step's time goes (medians): the rollout, the rewards, and the rest of TRL's step
+    # (log-probs, loss, backward, optimiser; the drafter's training is its own column below).
+    for part in ("rollout_s", "rewards_s"):
+        if values := [r[f"time/{part}"] for r in steps if f"time/{part}" in r]:
+            line[f"{part}_median"] = round(statistics.median(values), 3)
     if acc:  # rows are logged every 5 steps (each the mean of its steps): first / last `tail` steps
         last_step = max(r["step"] for r in steps)
         first = [r["spec/accepted_per_pass"] for r in steps if "spec/accepted_per_pass" in r and r["step"] <= tail]

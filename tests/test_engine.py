@@ -378,6 +378,25 @@ def test_compiled_engine_keeps_greedy_identical_and_feeds_the_eagle_drafter(back
     assert state.drafter._compiled is not None  # the drafts went through the drafter's compiled step
 
 
+@pytest.mark.slow
+def test_compiled_engine_decodes_one_row_eagerly(backends):
+    """A dimension of size 1 is a graph of its own under torch.compile (43 s on two cores): a
+    one-row batch (a tail's last row) runs the eager pass, the same model's output, compiling nothing."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    slow, _, prompts = backends
+    sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+    reference = _flat(slow.generate(prompts[:1], sampling))
+    fresh = copy.deepcopy(slow.model)  # compiled passes are kept per model: this one has none yet
+    graphs = counters["stats"]["unique_graphs"]
+    one = make_backend("transformers", model="unused", model_obj=fresh, tokenizer_obj=slow.tokenizer,
+                       batch_size=64, engine="fast", compile=True)
+    assert _flat(one.generate(prompts[:1], sampling)) == reference
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compile_is_refused_where_it_would_decode_another_model(backends):
     """The compiled pass is the decoder's last state through the output layer; a model whose
     logits are more than that (Gemma 2's soft cap) is refused by name, and compile is an option

@@ -107,7 +107,8 @@ class Drafter:
             self.block.to(feat.device)
         if compiled and self._compiled is None:
             self._compiled = torch.compile(self._draft, dynamic=True)
-        draft = self._compiled if compiled else self._draft
+        # One row drafts eagerly, as the engine's one-row pass runs (a size of 1 is a graph of its own).
+        draft = self._compiled if compiled and feat.shape[0] > 1 else self._draft
         with torch.inference_mode():
             for _ in range(k):
                 feat, tok = draft(feat, tok, embed_w, head)

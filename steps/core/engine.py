@@ -29,8 +29,8 @@ while it decodes (steps.core.drafter); the depth is fixed or picked per pass by 
 (`depth: bandit`, TLT's bucketed epsilon-greedy).
 
 Compiled (`compile: true`): every pass runs through `torch.compile(dynamic=True)` of the policy's
-decoder and output layer (`compiled_pass`), one graph for every batch size and cache length after
-a first call that compiles (about a minute and a half a process on two CPU cores, less with
+decoder and output layer (`compiled_pass`), one graph for every batch size above one and cache
+length after a first call that compiles (a single row runs eagerly: a size of 1 is a graph of its own) (about a minute and a half a process on two CPU cores, less with
 inductor's on-disk cache warm); on these small models a pass is mostly framework work, which the
 compiled graph removes (bench/compile_pass.py). The features the eagle drafter reads come out of
 that graph with the logits, as a forward hook inside a compiled graph does not fire; the drafter's
@@ -190,8 +190,16 @@ def compiled_pass(model: Any) -> Any:
         raise ValueError(f"compile: {type(model).__name__}'s logits are not its output layer over its decoder's "
                          "last state (a soft cap or a scale?): the compiled pass would decode another model; "
                          "run this model with compile: false")
-    _COMPILED[model] = torch.compile(decode_pass, dynamic=True)
-    return _COMPILED[model]
+    compiled = torch.compile(decode_pass, dynamic=True)
+
+    def run_pass(ids: Any, mask: Any, pos: Any, cache: Any, keep: int) -> tuple[Any, Any]:
+        # One row runs eagerly: torch.compile specialises a dimension of size 1, so the tail's
+        # last row would compile a graph of its own (43 s on two cores, bench/compile_pass.py)
+        # to save about a millisecond a pass; the dynamic graph serves every larger batch.
+        return (compiled if ids.shape[0] > 1 else decode_pass)(ids, mask, pos, cache, keep)
+
+    _COMPILED[model] = run_pass
+    return run_pass
 
 
 class FastEngine:

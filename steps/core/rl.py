@@ -43,6 +43,7 @@ in params) and its rollout (steps.core.rollouts, by protocol name); `train_rl` d
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,8 +217,6 @@ class TRLServerBackend:
         return results
 
     def _request(self, texts: list[str], sampling: Any) -> dict[str, Any]:
-        import time
-
         t0 = time.perf_counter()
         out = self.client.generate(prompts=texts, n=sampling.n, temperature=sampling.temperature,
                                    top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, logprobs=None,
@@ -249,6 +248,7 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
     states: list[SpecState] = []  # one for the run: the drafter follows the policy, the bandit learns
 
     def run(prompts: list[str], trainer: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
         tok = trainer.processing_class
         acc = trainer.accelerator
         with unwrap_model_for_generation(trainer.model_wrapped, acc,
@@ -279,10 +279,11 @@ def rollout_func(cfg: RLConfig) -> Callable[[list[str], Any], dict[str, Any]]:
             sampling = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length,
                                       seed=derive_seed(cfg.seed, "rl", step))
             outs = [cs[0] for cs in rollout.run(ps, sampling)]
+            rollout_s = time.perf_counter() - t0  # the drafter's init and decoding; its training below
             # TLT: the drafter trains between steps on this rollout's features (timed in the step).
             extra = states[0].after_rollout(model) if states else {}
             engine_stats = getattr(backend, "last_stats", None)
-        log_rollout_stats(trainer, outs, {**extra, **speculation_stats(engine_stats)})
+        log_rollout_stats(trainer, outs, {**extra, **speculation_stats(engine_stats), "time/rollout_s": rollout_s})
         eos = tok.eos_token_id
         completion_ids, masks = [], []
         for c in outs:
@@ -340,7 +341,10 @@ def make_trainer_class(advantage: str, old_logp_override: Callable[[dict[str, An
 
     class RLTrainer(GRPOTrainer):
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            t0 = time.perf_counter()
             per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            # Beside the rollout's time/rollout_s: what of TRL's step_time the rewards take.
+            self._metrics["train"]["time/rewards_s"].append(time.perf_counter() - t0)
             self._last_rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
             return per_func
 
