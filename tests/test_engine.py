@@ -82,6 +82,24 @@ def test_finished_rows_cost_nothing(backends):
     assert engine.stats["forward_passes"] == 1 + max(len(o.token_ids) - (o.finish_reason == "length") for o in outs)
 
 
+def test_a_repeated_prompt_is_prefilled_once(backends):
+    """An RL group's K copies of a prompt share one prefill: the first pass computes each distinct
+    prompt once and copies its cache rows, and every copy then decodes as the prompt alone does."""
+    from steps.core.engine import FastEngine
+
+    slow, _, prompts = backends
+    tok = slow.tokenizer
+    ids = [tok(p.text, add_special_tokens=False)["input_ids"] for p in prompts[:3]]
+    engine = FastEngine(slow.model, slow._eos_ids(), tok.pad_token_id)
+    alone = engine.generate(ids, seeds=[0, 1, 2], temperature=0.0, max_new_tokens=16)
+    engine.stats.update(row_steps=0, forward_passes=0)
+    grouped = engine.generate([i for i in ids for _ in range(4)], seeds=list(range(12)), temperature=0.0,
+                              max_new_tokens=16)
+    assert [o.token_ids for o in grouped] == [o.token_ids for o in alone for _ in range(4)]
+    decoded = sum(len(o.token_ids) - (o.finish_reason == "length") for o in grouped)
+    assert engine.stats["row_steps"] == 3 + decoded  # the prefill decoded 3 rows, not 12
+
+
 def test_an_unknown_engine_is_refused_by_name(backends):
     slow, _, _ = backends
     with pytest.raises(ValueError, match="backend_options.engine.*'vllm'"):

@@ -48,10 +48,17 @@ def test_grpo_trains_with_the_composite_reward(tmp_path, arch):
     cfg = GrpoConfig(num_generations=4, prompts_per_step=2, max_steps=2, max_completion_length=12,
                      learning_rate=1e-2, rewards={"correctness": {"weight": 1.0}, "helpfulness": {"weight": 1.0},
                                                   "length": {"weight": 1.0, "lambda_lower": 0.0,
-                                                             "lambda_upper": 0.5, "epsilon_frac": 1.0}})
+                                                             "lambda_upper": 0.5, "epsilon_frac": 1.0}},
+                     save_steps=1)
     result = train_grpo(cfg, prompt_rows, str(policy), tmp_path / "out")
     logged = {k for h in result["history"] for k in h}
-    assert {"loss", "reward", "rewards/length/mean", "rewards/correctness/mean", "completions/mean_length"} <= logged
+    assert {"loss", "reward", "rewards/length/mean", "rewards/correctness/mean", "completions/mean_length",
+            "time/rollout_s", "time/rewards_s"} <= logged
+    # save_steps: the weights every step (bench/grpo_curve.py evaluates them), without optimiser state.
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert sorted(d.name for d in checkpoints.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (checkpoints / "checkpoint-1" / "model.safetensors").exists()
+    assert not (checkpoints / "checkpoint-1" / "optimizer.pt").exists()
     # A random policy's completions are long: the length reward is below its maximum.
     assert min(h["rewards/length/mean"] for h in result["history"] if "rewards/length/mean" in h) < 1.0
     assert _changed(_weights(policy), _weights(tmp_path / "out" / "model"))

@@ -281,6 +281,13 @@ class _Run:
             ids[r, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[r, width - len(p):] = 1
         self.ids, self.mask = ids.to(dev), mask.to(dev)
+        # Each distinct prompt's first row, and every row's distinct prompt (prefilled once).
+        distinct: dict[tuple[int, ...], int] = {}
+        self.inverse, self.first = [], []
+        for r, p in enumerate(prompts):
+            self.inverse.append(distinct.setdefault(tuple(p), len(distinct)))
+            if self.inverse[-1] == len(self.first):
+                self.first.append(r)
         self.sampler = RowSampler(seeds, temperature, top_p, 0, dev) if temperature > 0 else None
         self.alive = list(range(n))
         self.gen: list[list[int]] = [[] for _ in range(n)]
@@ -307,7 +314,19 @@ class _Run:
         # Positions as model.generate derives them: real tokens counted from 0, padding at 1.
         pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)  # (B, T)
         self.cache = DynamicCache(config=e.model.config)
-        logits = e.forward(self.ids, self.mask, pos, self.cache)[:, -1]  # (B, V)
+        if len(self.first) < len(self.alive):
+            # A prompt repeated in the batch (an RL group's K completions, n samples of one
+            # prompt) is prefilled once; its cache rows, logits and features are copied to the
+            # repeats. Copying a row costs far less than computing it.
+            first = torch.tensor(self.first, device=self.dev)
+            logits = e.forward(self.ids[first], self.mask[first], pos[first], self.cache)[:, -1]
+            inverse = torch.tensor(self.inverse, device=self.dev)
+            self.cache.batch_select_indices(inverse)
+            logits = logits[inverse]  # (B, V)
+            if e._records:
+                e._feats[-1] = e._feats[-1][inverse]
+        else:
+            logits = e.forward(self.ids, self.mask, pos, self.cache)[:, -1]  # (B, V)
         self.nxt = pos[:, -1] + 1  # (B,) the next fed token's position
         self._record(self.ids[:, -1:], [0] * len(self.alive))
         self.tok = self._draw(logits)

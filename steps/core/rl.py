@@ -106,6 +106,8 @@ class RLConfig:
     compile: bool = help_field(False, "engine fast: torch.compile the decode pass (a minute or two of compiling "
                                       "a process on CPU, then cheaper passes; README, TLT)")
     lambda_aux: float = help_field(0.01, "MoE load-balancing loss weight (ignored for dense models)", ge=0.0)
+    save_steps: int = help_field(0, "a model-only checkpoint every N steps under <out>/checkpoints (0: none; "
+                                    "bench/grpo_curve.py evaluates them on dev)", ge=0)
     bf16: bool | None = help_field(None, "None: on GPU only")
     threads: int = help_field(2, "torch CPU threads", ge=1)
     chat_template_kwargs: dict = field(default_factory=dict, metadata={"help": "e.g. {enable_thinking: true}"})
@@ -399,7 +401,8 @@ def train_rl(cfg: RLConfig, rows: list[dict[str, Any]], policy: str, out_dir: Pa
     args = GRPOConfig(**training.common_args(out_dir / "checkpoints", seed=cfg.seed, learning_rate=cfg.learning_rate,
                                              batch_size=batch, max_steps=cfg.max_steps, epochs=1.0,
                                              warmup_ratio=cfg.warmup_ratio, logging_steps=5, bf16=cfg.bf16,
-                                             batch_key="prompts_per_step x num_generations"),
+                                             batch_key="prompts_per_step x num_generations",
+                                             save_steps=cfg.save_steps),
                       num_generations=cfg.num_generations, generation_batch_size=batch,
                       max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                       beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,

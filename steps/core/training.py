@@ -12,24 +12,28 @@ from steps.core import prompts as P
 
 def common_args(output_dir: Path, *, seed: int, learning_rate: float, batch_size: int, max_steps: int,
                 epochs: float, warmup_ratio: float, logging_steps: int, bf16: bool | None,
-                batch_key: str = "batch_size") -> dict[str, Any]:
+                batch_key: str = "batch_size", save_steps: int = 0) -> dict[str, Any]:
     """TrainingArguments shared by SFTConfig and GRPOConfig (a float warmup_steps < 1 is a ratio). On CPU bf16 and gradient
     checkpointing are off (TRL's defaults assume a GPU); checkpoints are not written mid-run
-    because the stage's output is the final model. `batch_size` is global (sequences per
-    optimiser step), split over the processes of a launched run (steps.core.launch);
-    `batch_key` names it in params for the error when it does not split."""
+    because the stage's output is the final model, unless `save_steps` asks for the weights every
+    so many steps (model only: they are for evaluating the run's course, not for resuming it).
+    `batch_size` is global (sequences per optimiser step), split over the processes of a launched
+    run (steps.core.launch); `batch_key` names it in params for the error when it does not split."""
     import torch
 
     from steps.core.launch import per_device_batch
 
     cuda = torch.cuda.is_available()
-    return dict(output_dir=str(output_dir), seed=seed, data_seed=seed, learning_rate=learning_rate,
+    args = dict(output_dir=str(output_dir), seed=seed, data_seed=seed, learning_rate=learning_rate,
                 per_device_train_batch_size=per_device_batch(batch_size, batch_key), max_steps=max_steps,
                 num_train_epochs=epochs,
                 warmup_steps=warmup_ratio, lr_scheduler_type="cosine", logging_steps=logging_steps,
                 save_strategy="no", report_to=[], bf16=cuda if bf16 is None else bf16,
                 gradient_checkpointing=False, use_cpu=not cuda, dataloader_num_workers=0,
                 disable_tqdm=False, logging_first_step=True)
+    if save_steps:
+        args.update(save_strategy="steps", save_steps=save_steps, save_only_model=True)
+    return args
 
 
 def prompt_rows(examples: list[dict[str, Any]], tokenizer: Any,
