@@ -85,8 +85,8 @@ def main() -> None:
     ap.add_argument("--train", default=str(ROOT / "data/ingest/train.jsonl"))
     ap.add_argument("--data", default=str(ROOT / "data/ingest/dev.jsonl"), help="the split evaluated (dev)")
     ap.add_argument("--levels", default="teacher", help="registry rows drawn as flat lines (comma-separated)")
-    ap.add_argument("--out", default=str(ROOT / "reports/grpo_curve"), help="work directory (kept: reruns resume)")
-    ap.add_argument("--plot", default=str(ROOT / "reports/plots/grpo_curve.png"))
+    ap.add_argument("--out", default=str(ROOT / "data/grpo_curve"), help="work directory (kept: reruns resume)")
+    ap.add_argument("--plot", default=str(ROOT / "reports/plots/grpo_dev_curve.png"))
     args = ap.parse_args()
     if args.every < 1:
         ap.error("--every: at least 1")

@@ -47,7 +47,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SPEC = {"drafter": "eagle", "depth": "bandit", "draft_tokens": 4, "max_batch": 32, "epsilon": 0.1}
+# Speculation over the whole 64-row batch (params.yaml's 8 prompts x 8), not only below the
+# reference's 32 rows: on two CPU cores a verification pass costs little more than a plain one, and
+# the bandit keeps a plain step among its arms. Measured side by side, two rounds each: step_speedup
+# 1.27 / 1.33 with 64 against 1.18 / 1.15 with 32 (README, TLT).
+SPEC = {"drafter": "eagle", "depth": "bandit", "draft_tokens": 4, "max_batch": 64, "epsilon": 0.1}
 CONFIGS: dict[str, dict[str, Any]] = {
     "generate": {"engine": "generate", "speculative": {}},
     "fast": {"engine": "fast", "speculative": {}},

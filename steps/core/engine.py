@@ -10,11 +10,12 @@ and in reinforcement learning the length distribution has a long tail. Here a ro
 leaves the batch at once: its slice of the KV cache (transformers' `DynamicCache`), of the
 attention mask and of the positions is dropped, and so are the leading cache columns that were
 left padding of prompts no longer in the batch, so the tail runs at its own batch size and its
-own length. Nothing else is changed: the same model forward, the same positions (the count of
-real tokens before each one, as `model.generate` derives them from the mask), and the same
-draws: a sampled token comes from `RowSampler` (steps.core.backends), the uniform number for a
-row at generated position t being a hash of (the row's seed, t), so a completion does not
-depend on its batch, on which rows left before it, or on which engine decoded it. Greedy
+own length. A prompt repeated in the batch (an RL group's K completions, n samples) is
+prefilled once and its cache rows copied. Nothing else is changed: the same model forward, the
+same positions (the count of real tokens before each one, as `model.generate` derives them from
+the mask), and the same draws: a sampled token comes from `RowSampler` (steps.core.backends),
+the uniform number for a row at generated position t being a hash of (the row's seed, t), so a
+completion does not depend on its batch, on which rows left before it, or on which engine decoded it. Greedy
 outputs are token-identical to `model.generate`'s and sampled ones identical up to float noise
 in the logits (a batch of another size may sum in another order); tests/test_engine.py checks
 both.
@@ -30,8 +31,9 @@ while it decodes (steps.core.drafter); the depth is fixed or picked per pass by 
 
 Compiled (`compile: true`): every pass runs through `torch.compile(dynamic=True)` of the policy's
 decoder and output layer (`compiled_pass`), one graph for every batch size above one and cache
-length after a first call that compiles (a single row runs eagerly: a size of 1 is a graph of its own) (about a minute and a half a process on two CPU cores, less with
-inductor's on-disk cache warm); on these small models a pass is mostly framework work, which the
+length after a first call that compiles (about a minute and a half a process on two CPU cores,
+less with inductor's on-disk cache warm; a single row runs eagerly, as a size of 1 would be a
+graph of its own); on these small models a pass is mostly framework work, which the
 compiled graph removes (bench/compile_pass.py). The features the eagle drafter reads come out of
 that graph with the logits, as a forward hook inside a compiled graph does not fire; the drafter's
 own drafts are compiled too (`Drafter.propose`). Outputs are the eager engine's up to float noise (a
