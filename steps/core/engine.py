@@ -15,10 +15,10 @@ prefilled once and its cache rows copied. Nothing else is changed: the same mode
 same positions (the count of real tokens before each one, as `model.generate` derives them from
 the mask), and the same draws: a sampled token comes from `RowSampler` (steps.core.backends),
 the uniform number for a row at generated position t being a hash of (the row's seed, t), so a
-completion does not depend on its batch, on which rows left before it, or on which engine decoded it. Greedy
-outputs are token-identical to `model.generate`'s and sampled ones identical up to float noise
-in the logits (a batch of another size may sum in another order); tests/test_engine.py checks
-both.
+completion does not depend on its batch, on which rows left before it, or on which engine decoded
+it. Greedy outputs are token-identical to `model.generate`'s and sampled ones identical up to
+float noise in the logits (a batch of another size may sum in another order);
+tests/test_engine.py checks both.
 
 Speculative decoding (`speculative: {drafter, draft_tokens, max_batch, depth, ...}`; off when
 empty): while at most `max_batch` rows run (the tail), a drafter proposes tokens and the policy
