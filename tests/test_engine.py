@@ -100,6 +100,50 @@ def test_a_repeated_prompt_is_prefilled_once(backends):
     assert engine.stats["row_steps"] == 3 + decoded  # the prefill decoded 3 rows, not 12
 
 
+def test_the_in_place_cache_holds_what_transformers_cache_holds():
+    """The engine's cache layer (keys and values written into a buffer with room) against
+    transformers' DynamicLayer (concatenated) under the engine's operations, each compared
+    exactly: a prefill, decode steps, a verification block, rows leaving and rows copied, a cut
+    tail (rejected drafts) and a cut in the middle (left padding of rows gone), and growing past
+    the room it was given."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from steps.core.engine import _growing_layer_class
+
+    g = torch.Generator().manual_seed(0)
+    ours, ref = _growing_layer_class()(reserve=3), DynamicLayer()
+
+    def kv(b, t):
+        return torch.randn(b, 2, t, 4, generator=g), torch.randn(b, 2, t, 4, generator=g)
+
+    def same():
+        assert ours.keys.shape == ref.keys.shape and torch.equal(ours.keys, ref.keys)
+        assert torch.equal(ours.values, ref.values) and ours.get_seq_length() == ref.get_seq_length()
+
+    def update(b, t):
+        k, v = kv(b, t)
+        got, want = ours.update(k, v), ref.update(k, v)
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+        same()
+
+    update(3, 5)                                    # prefill
+    ours.batch_select_indices(torch.tensor([0, 0, 1, 2, 2]))  # a prompt's rows copied to its repeats
+    ref.batch_select_indices(torch.tensor([0, 0, 1, 2, 2]))
+    same()
+    update(5, 1)                                    # a decode step
+    update(5, 3)                                    # a verification block: past the room of 3, grows
+    ours.batch_select_indices(torch.tensor([0, 2, 4]))  # rows 1 and 3 ended
+    ref.batch_select_indices(torch.tensor([0, 2, 4]))
+    same()
+    for idx in (torch.arange(7), torch.tensor([1, 2, 4, 5, 6])):  # a cut tail, then a cut in the middle
+        ours.keep_columns(idx)
+        ref.keys, ref.values = ref.keys[:, :, idx], ref.values[:, :, idx]
+        same()
+    for _ in range(4):
+        update(3, 1)
+
+
 def test_an_unknown_engine_is_refused_by_name(backends):
     slow, _, _ = backends
     with pytest.raises(ValueError, match="backend_options.engine.*'vllm'"):
