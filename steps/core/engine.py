@@ -13,9 +13,9 @@ left padding of prompts no longer in the batch, so the tail runs at its own batc
 own length. Each layer's keys and values are written in place into a buffer with room for the
 rollout (transformers' `DynamicLayer` concatenates, copying the whole cache every step: 1.37 x
 slower a rollout with 670-token prompts, bench/kv_cache.py). A prompt repeated in the batch (an
-RL group's K completions, n samples) is prefilled once and its cache rows copied. Nothing else is changed: the same model forward, the
-same positions (the count of real tokens before each one, as `model.generate` derives them from
-the mask), and the same draws: a sampled token comes from `RowSampler` (steps.core.backends),
+RL group's K completions, n samples) is prefilled once and its cache rows copied. Nothing else is
+changed: the same model forward, the same positions (the count of real tokens before each one,
+as `model.generate` derives them from the mask), and the same draws: a sampled token comes from `RowSampler` (steps.core.backends),
 the uniform number for a row at generated position t being a hash of (the row's seed, t), so a
 completion does not depend on its batch, on which rows left before it, or on which engine decoded
 it. Greedy outputs are token-identical to `model.generate`'s and sampled ones identical up to
@@ -48,6 +48,7 @@ beside it in either.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import weakref
 from collections.abc import Sequence
@@ -206,6 +207,7 @@ def compiled_pass(model: Any) -> Any:
     return run_pass
 
 
+@functools.cache
 def _growing_layer_class() -> type:
     """transformers' `DynamicLayer` whose keys and values live in a buffer with room for the tokens
     still to come (`reserve`): a decode step writes its column in place. The `DynamicLayer` itself
@@ -213,7 +215,8 @@ def _growing_layer_class() -> type:
     values, which grows with the cache: bench/kv_cache.py measures 1.37 x a rollout with 670-token
     prompts and nothing at 60.
     `keys` / `values` stay what `DynamicLayer` readers expect, (b, h, n, d) tensors (views of the
-    buffer's first n columns), so masks, lengths and attention are unchanged."""
+    buffer's first n columns), so masks, lengths and attention are unchanged. Built once, on first
+    use: transformers is imported lazily, as everywhere in this module."""
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
@@ -228,8 +231,9 @@ def _growing_layer_class() -> type:
                 self.lazy_initialization(key_states, value_states)
             n, add = self._n, key_states.shape[-2]
             if self._kbuf is None or n + add > self._kbuf.shape[-2]:
-                # room for the rest of the rollout (or, past it, twice as much): allocated once a call
-                cap = max(n + add + self.reserve, 2 * (n + add)) if self._kbuf is not None else n + add + self.reserve
+                # room for the rest of the rollout: allocated once a call (again only when verification
+                # blocks whose columns stay live in some row outgrow it)
+                cap = n + add + self.reserve
                 k = key_states.new_empty((*key_states.shape[:2], cap, key_states.shape[-1]))
                 v = value_states.new_empty((*value_states.shape[:2], cap, value_states.shape[-1]))
                 if n:
@@ -261,9 +265,9 @@ def _growing_layer_class() -> type:
         def keep_columns(self, idx: Any) -> None:
             """Keep the cached columns `idx` (ascending): a cut tail costs nothing, a cut in the
             middle moves the columns after it."""
-            m = int(idx.numel())
             if self._kbuf is None:
                 return
+            m = int(idx.numel())
             if m and int(idx[-1]) == m - 1:  # idx == 0..m-1: the dead columns are a suffix
                 self._set(m)
                 return
