@@ -161,28 +161,47 @@ def test_grounding_reward_scores_the_thinking_against_the_context(musique_exampl
     assert out[0] == 1.0 and out[1] < 0.5 and out[2] == 0.0
 
 
-@pytest.mark.parametrize("thinking, context_score, claim_score", [
+@pytest.mark.parametrize("unit", ["context", "claim"])
+def test_grounding_reads_each_completions_own_context(musique_example, ecommerce_example, unit):
+    # one batch, two examples in turn (the reward keeps each context's word sets for the call):
+    # a thinking is grounded in its own example's documents, not in the other's
+    from steps.core.rewards.livethinking import make_grounding
+    rows = [musique_example, ecommerce_example, musique_example, ecommerce_example]
+    cols = {k: [r[k] for r in rows] for k in musique_example}
+    musique, ecommerce = "<think> zono was born in dadada . </think> x", "<think> the tolka lamp is green . </think> x"
+    out = make_grounding(unit=unit)([musique, musique, ecommerce, ecommerce], **cols)
+    assert out[0] == out[3] == 1.0 and out[1] < 0.5 and out[2] < 0.5
+
+
+@pytest.mark.parametrize("thinking, context_score, claim_score, all_score", [
     # both claims said by one listing each: grounded by either unit
-    ("the tolka lamp is green . the tolka lamp is made of glass .", 1.0, 1.0),
+    ("the tolka lamp is green . the tolka lamp is made of glass .", 1.0, 1.0, 1.0),
     # the chimera: the asked product with the sibling's colour; every word is in the context,
     # no source says it
-    ("the tolka lamp is red .", 1.0, 0.0),
-    # one claim supported, one chimera: half the claims
-    ("the tolka lamp is green . the vimbo lamp is made of glass .", 1.0, 0.5),
+    ("the tolka lamp is red .", 1.0, 0.0, 0.0),
+    # one claim supported, one chimera: half the claims, and nothing when every claim must hold
+    ("the tolka lamp is green . the vimbo lamp is made of glass .", 1.0, 0.5, 0.0),
+    # the chimera padded with two supported restatements: the share rises, `all` stays at 0
+    ("the tolka lamp is green . the tolka lamp is green . the vimbo lamp is made of glass .",
+     1.0, 2 / 3, 0.0),
     # restating the question is supported by the question itself
-    ("what color is it ? the tolka lamp is green .", 1.0, 1.0),
+    ("what color is it ? the tolka lamp is green .", 1.0, 1.0, 1.0),
     # an invented colour: neither unit grounds it
-    ("the tolka lamp is purple .", 2 / 3, 0.0),
+    ("the tolka lamp is purple .", 2 / 3, 0.0, 0.0),
 ])
-def test_grounding_by_claim_needs_one_source_per_sentence(ecommerce_example, thinking, context_score, claim_score):
+def test_grounding_by_claim_needs_one_source_per_sentence(ecommerce_example, thinking, context_score, claim_score,
+                                                          all_score):
     from steps.core.rewards.livethinking import make_grounding
     cols = {k: [v] for k, v in ecommerce_example.items()}
     completion = [f"<think> {thinking} </think> the tolka lamp is green ."]
     assert make_grounding()(completion, **cols) == [pytest.approx(context_score)]
     assert make_grounding(unit="claim")(completion, **cols) == [pytest.approx(claim_score)]
+    assert make_grounding(unit="claim", aggregate="all")(completion, **cols) == [pytest.approx(all_score)]
 
 
 def test_grounding_rejects_an_unknown_unit():
     from steps.core.rewards.livethinking import make_grounding
     with pytest.raises(ValueError, match="grounding.unit"):
         make_grounding(unit="sentence")
+    with pytest.raises(ValueError, match="grounding.aggregate"):
+        make_grounding(aggregate="all")  # a share of words has no "every claim"

@@ -112,7 +112,7 @@ def make_length(lambda_lower: float = 0.2, lambda_upper: float = 0.4, epsilon_fr
     return length
 
 
-def make_grounding(unit: str = "context", threshold: float = 0.9) -> RewardFn:
+def make_grounding(unit: str = "context", threshold: float = 0.9, aggregate: str = "mean") -> RewardFn:
     """Grounded reasoning, on the thinking. Without it GRPO's length pressure can collapse the
     trace into a fixed string that no longer reads the documents; filler sentences score low too.
 
@@ -123,27 +123,40 @@ def make_grounding(unit: str = "context", threshold: float = 0.9) -> RewardFn:
     is the chimera: "the orbix jacket is red ." when the orbix jacket is green and red belongs to
     the zentra jacket of the next listing has every word in the context (1.0 by `context`) but
     no source that says it (0 by `claim`). Such sentences are how the embedded default's student
-    answers e-commerce questions wrongly (README, Measured results)."""
+    answers e-commerce questions wrongly (README, Measured results).
+
+    aggregate (unit `claim` only) `mean`: the share of supported sentences, which also rewards
+    adding sentences a listing supports (restated facts: on dev the answers stayed long); `all`:
+    1 when every sentence is supported, else 0, so one chimera costs the whole reward and a
+    supported sentence more earns nothing."""
     from steps.core.metrics import content_tokens, context_texts, coverage, sentences
 
     if unit not in ("context", "claim"):
         raise ValueError(f"grounding.unit: expected 'context' or 'claim', got {unit!r}")
     if not 0 < threshold <= 1:
         raise ValueError(f"grounding.threshold: expected a number in (0, 1], got {threshold!r}")
+    if aggregate not in ("mean", "all") or (unit == "context" and aggregate != "mean"):
+        raise ValueError(f"grounding.aggregate: expected 'mean' or 'all' (unit claim only), got {aggregate!r}")
 
     def grounding(completions: list[str], **columns: Any) -> list[float | None]:
+        # A GRPO batch holds each prompt K times: its context's word sets are built once a call.
+        vocab: dict[tuple[str, ...], list[set[str]]] = {}
         out = []
         for c, ex in zip(completions, examples_of(len(completions), columns), strict=True):
             thinking = split_completion(c)[0]
-            texts = context_texts(ex)
+            texts = tuple(context_texts(ex))
+            if texts not in vocab:
+                vocab[texts] = ([set(content_tokens(" ".join(texts)))] if unit == "context"
+                                else [set(content_tokens(t)) for t in texts])
+            sources = vocab[texts]
             if not thinking:
                 out.append(0.0)
             elif unit == "context":
-                out.append(coverage(thinking, set(content_tokens(" ".join(texts)))))
+                out.append(coverage(thinking, sources[0]))
             else:
-                sources = [set(content_tokens(t)) for t in texts]
                 claims = sentences(thinking)
-                out.append(sum(max(coverage(s, v) for v in sources) >= threshold for s in claims) / len(claims))
+                held = [max(coverage(s, v) for v in sources) >= threshold for s in claims]
+                out.append(sum(held) / len(held) if aggregate == "mean" else float(all(held)))
         return out
     return grounding
 
