@@ -61,6 +61,7 @@ def test_length_reward_refuses_word_counts():
     ({"correctness": {"weight": "two"}}, r"grpo.rewards.correctness.weight: expected a number, got 'two'"),
     ({"length": {"epsilon_frac": "wide"}}, r"grpo.rewards.length.epsilon_frac: expected a number"),
     ({"nope": {}}, r"grpo.rewards.nope: reward 'nope' is not registered"),
+    ({"grounding": {"framing": "yes"}}, r"grpo.rewards.grounding.framing: expected true or false, got 'yes'"),
 ])
 def test_reward_spec_errors_name_the_key_path(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -197,6 +198,18 @@ def test_grounding_by_claim_needs_one_source_per_sentence(ecommerce_example, thi
     assert make_grounding()(completion, **cols) == [pytest.approx(context_score)]
     assert make_grounding(unit="claim")(completion, **cols) == [pytest.approx(claim_score)]
     assert make_grounding(unit="claim", aggregate="all")(completion, **cols) == [pytest.approx(all_score)]
+
+
+@pytest.mark.parametrize("unit", ["context", "claim"])
+def test_grounding_with_framing_grounds_a_restated_question(ecommerce_example, unit):
+    # "question" is a word of the user turn's template only: the restatement is grounded with
+    # `framing`, not without; an invented attribute stays ungrounded either way
+    from steps.core.rewards.livethinking import make_grounding
+    cols = {k: [v] * 2 for k, v in ecommerce_example.items()}
+    completions = ["<think> the question is : what color is it ? </think> x", "<think> the tolka lamp is purple . </think> x"]
+    plain, framed = make_grounding(unit=unit)(completions, **cols), make_grounding(unit=unit, framing=True)(completions, **cols)
+    assert plain[0] < 1.0 and framed[0] == 1.0
+    assert framed[1] == plain[1] < 1.0
 
 
 def test_grounding_rejects_an_unknown_unit():

@@ -56,6 +56,8 @@ def check_spec(spec: dict[str, Any], where: str) -> None:
             if (isinstance(default, (int, float)) and not isinstance(default, bool)
                     and (not isinstance(value, (int, float)) or isinstance(value, bool))):
                 raise ValueError(f"{where}.{name}.{key}: expected a number, got {value!r}")
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ValueError(f"{where}.{name}.{key}: expected true or false, got {value!r}")
             if isinstance(default, str) and not isinstance(value, str):
                 raise ValueError(f"{where}.{name}.{key}: expected a string, got {value!r}")
 

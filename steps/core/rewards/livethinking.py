@@ -112,7 +112,8 @@ def make_length(lambda_lower: float = 0.2, lambda_upper: float = 0.4, epsilon_fr
     return length
 
 
-def make_grounding(unit: str = "context", threshold: float = 0.9, aggregate: str = "mean") -> RewardFn:
+def make_grounding(unit: str = "context", threshold: float = 0.9, aggregate: str = "mean",
+                   framing: bool = False) -> RewardFn:
     """Grounded reasoning, on the thinking. Without it GRPO's length pressure can collapse the
     trace into a fixed string that no longer reads the documents; filler sentences score low too.
 
@@ -128,8 +129,14 @@ def make_grounding(unit: str = "context", threshold: float = 0.9, aggregate: str
     aggregate (unit `claim` only) `mean`: the share of supported sentences, which also rewards
     adding sentences a listing supports (restated facts: on dev the answers stayed long); `all`:
     1 when every sentence is supported, else 0, so one chimera costs the whole reward and a
-    supported sentence more earns nothing."""
+    supported sentence more earns nothing.
+
+    framing: the user turn as the model reads it (`documents : [1] ... question : ... reply with :
+    the answer is X .`) is a source too, so restating the question (`the question is : what size
+    is it ?`) is grounded; without it the word `question` is in no source, and GRPO drops the
+    restatement that the embedded student leans on to answer the asked attribute (README)."""
     from steps.core.metrics import content_tokens, context_texts, coverage, sentences
+    from steps.core.prompts import user_turn
 
     if unit not in ("context", "claim"):
         raise ValueError(f"grounding.unit: expected 'context' or 'claim', got {unit!r}")
@@ -144,7 +151,7 @@ def make_grounding(unit: str = "context", threshold: float = 0.9, aggregate: str
         out = []
         for c, ex in zip(completions, examples_of(len(completions), columns), strict=True):
             thinking = split_completion(c)[0]
-            texts = tuple(context_texts(ex))
+            texts = tuple(context_texts(ex)) + ((user_turn(ex),) if framing else ())
             if texts not in vocab:
                 vocab[texts] = ([set(content_tokens(" ".join(texts)))] if unit == "context"
                                 else [set(content_tokens(t)) for t in texts])
