@@ -206,8 +206,10 @@ def test_grounding_with_framing_grounds_a_restated_question(ecommerce_example, u
     # `framing`, not without; an invented attribute stays ungrounded either way
     from steps.core.rewards.livethinking import make_grounding
     cols = {k: [v] * 2 for k, v in ecommerce_example.items()}
-    completions = ["<think> the question is : what color is it ? </think> x", "<think> the tolka lamp is purple . </think> x"]
-    plain, framed = make_grounding(unit=unit)(completions, **cols), make_grounding(unit=unit, framing=True)(completions, **cols)
+    completions = ["<think> the question is : what color is it ? </think> x",
+                   "<think> the tolka lamp is purple . </think> x"]
+    plain = make_grounding(unit=unit)(completions, **cols)
+    framed = make_grounding(unit=unit, framing=True)(completions, **cols)
     assert plain[0] < 1.0 and framed[0] == 1.0
     assert framed[1] == plain[1] < 1.0
 

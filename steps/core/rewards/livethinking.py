@@ -134,7 +134,8 @@ def make_grounding(unit: str = "context", threshold: float = 0.9, aggregate: str
     framing: the user turn as the model reads it (`documents : [1] ... question : ... reply with :
     the answer is X .`) is a source too, so restating the question (`the question is : what size
     is it ?`) is grounded; without it the word `question` is in no source, and GRPO drops the
-    restatement that the embedded student leans on to answer the asked attribute (README)."""
+    restatement. On dev the restatement came back with it and e-commerce correctness did not
+    (README, "What GRPO changes in the e-commerce answers")."""
     from steps.core.metrics import content_tokens, context_texts, coverage, sentences
     from steps.core.prompts import user_turn
 
