@@ -146,6 +146,28 @@ def test_correctness_and_helpfulness_rewards_use_the_judge(musique_example):
     assert [f.__name__ for f in fns] == ["correctness", "helpfulness"]
 
 
+@pytest.mark.parametrize("response, correct, helpful, gated", [
+    # right and helpful: paid either way
+    ("the answer is kestria . zono was born in dadada .", 1.0, 1.0, 1.0),
+    # right without the bridge fact: no helpfulness to pay
+    ("the answer is kestria .", 1.0, 0.0, 0.0),
+    # the bridge fact beside a wrong answer: helpful by the judge, paid only ungated
+    ("the answer is sarnia . zono was born in dadada .", 0.0, 1.0, 0.0),
+    # wrong and unhelpful
+    ("the answer is sarnia .", 0.0, 0.0, 0.0),
+])
+def test_helpfulness_when_correct_pays_h_only_beside_a_right_answer(musique_example, response, correct, helpful,
+                                                                      gated):
+    from steps.core.rewards.livethinking import make_correctness, make_helpfulness
+    cols = {k: [v] for k, v in musique_example.items()}
+    completion = [f"<think> zono was born in dadada . </think> {response}"]
+    assert make_correctness()(completion, **cols) == [correct]
+    assert make_helpfulness()(completion, **cols) == [helpful]
+    assert make_helpfulness(when_correct=True)(completion, **cols) == [gated]
+    with pytest.raises(ValueError, match="helpfulness.when_correct: expected true or false"):
+        make_rewards({"helpfulness": {"when_correct": "yes"}})
+
+
 def test_format_reward():
     fn = make_format()
     assert fn(["<think> a </think> b", "<think> a b", "a </think> b", "<think> a </think>"]) == [1.0, 0.0, 0.0, 0.0]

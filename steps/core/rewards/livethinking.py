@@ -89,9 +89,16 @@ def make_correctness(judge: str = "rule", **judge_options: Any) -> RewardFn:
     return correctness
 
 
-def make_helpfulness(judge: str = "rule", **judge_options: Any) -> RewardFn:
+def make_helpfulness(judge: str = "rule", when_correct: bool = False, **judge_options: Any) -> RewardFn:
+    """H, the judge's helpfulness verdict. `when_correct: true` pays it only beside a correct
+    answer (H * C): on e-commerce the helpful supplement is another attribute of the asked
+    product, so an answer that states that attribute instead of the asked one is judged helpful
+    and wrong, and with H paid alone it earns what a right answer without the supplement earns.
+    The paper's formula adds H ungated (the default); the gate is a departure, measured in the
+    README ("Helpfulness only beside a right answer")."""
     def helpfulness(completions: list[str], **columns: Any) -> list[float | None]:
-        return [float(v.helpful) for v in _verdicts(judge, judge_options, completions, columns)]
+        return [float(v.helpful and (v.correct or not when_correct))
+                for v in _verdicts(judge, judge_options, completions, columns)]
     return helpfulness
 
 
