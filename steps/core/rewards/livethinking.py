@@ -95,7 +95,7 @@ def make_helpfulness(judge: str = "rule", when_correct: bool = False, **judge_op
     product, so an answer that states that attribute instead of the asked one is judged helpful
     and wrong, and with H paid alone it earns what a right answer without the supplement earns.
     The paper's formula adds H ungated (the default); the gate is a departure, measured in the
-    README ("Helpfulness only beside a right answer")."""
+    README ("The same reading on the main kind")."""
     def helpfulness(completions: list[str], **columns: Any) -> list[float | None]:
         return [float(v.helpful and (v.correct or not when_correct))
                 for v in _verdicts(judge, judge_options, completions, columns)]
