@@ -93,7 +93,8 @@ def make_helpfulness(judge: str = "rule", when_correct: bool = False, **judge_op
     """H, the judge's helpfulness verdict. `when_correct: true` pays it only beside a correct
     answer (H * C): on e-commerce the helpful supplement is another attribute of the asked
     product, so an answer that states that attribute instead of the asked one is judged helpful
-    and wrong, and with H paid alone it earns what a right answer without the supplement earns.
+    and wrong, and with H paid alone (at params.yaml's equal weights) it earns what a right answer
+    without the supplement earns.
     The paper's formula adds H ungated (the default); the gate is a departure, measured in the
     README ("The same reading on the main kind")."""
     def helpfulness(completions: list[str], **columns: Any) -> list[float | None]:
