@@ -15,11 +15,12 @@ rollout (transformers' `DynamicLayer` concatenates, copying the whole cache ever
 slower a rollout with 670-token prompts, bench/kv_cache.py). A prompt repeated in the batch (an
 RL group's K completions, n samples) is prefilled once and its cache rows copied. Nothing else is
 changed: the same model forward, the same positions (the count of real tokens before each one,
-as `model.generate` derives them from the mask), and the same draws: a sampled token comes from `RowSampler` (steps.core.backends),
-the uniform number for a row at generated position t being a hash of (the row's seed, t), so a
-completion does not depend on its batch, on which rows left before it, or on which engine decoded
-it. Greedy outputs are token-identical to `model.generate`'s and sampled ones identical up to
-float noise in the logits (a batch of another size may sum in another order);
+as `model.generate` derives them from the mask), and the same draws: a sampled token comes
+from `RowSampler` (steps.core.backends), the uniform number for a row at generated position t
+being a hash of (the row's seed, t), so a completion does not depend on its batch, on which rows
+left before it, or on which engine decoded it. Greedy outputs are token-identical to
+`model.generate`'s and sampled ones identical up to float noise in the logits (a batch of
+another size may sum in another order);
 tests/test_engine.py checks both.
 
 Speculative decoding (`speculative: {drafter, draft_tokens, max_batch, depth, ...}`; off when
