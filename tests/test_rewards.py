@@ -164,6 +164,9 @@ def test_helpfulness_when_correct_pays_h_only_beside_a_right_answer(musique_exam
     assert make_correctness()(completion, **cols) == [correct]
     assert make_helpfulness()(completion, **cols) == [helpful]
     assert make_helpfulness(when_correct=True)(completion, **cols) == [gated]
+
+
+def test_helpfulness_when_correct_must_be_a_boolean():
     with pytest.raises(ValueError, match="helpfulness.when_correct: expected true or false"):
         make_rewards({"helpfulness": {"when_correct": "yes"}})
 
