@@ -12,6 +12,12 @@ batch size and timed on the second call; the compiled model's first call is repo
 a change of batch size (which the engine's batch makes at every step of its tail) compiles
 again. Prints one JSON line per batch size and a last one with `compiled_speedup` (eager ms per
 pass ÷ compiled, the first batch size, steady state) and the seconds of those first calls.
+
+`--experts grouped_mm,batched_mm` (a mixture-of-experts policy) repeats all of it with each of
+transformers' experts kernels, in that order: under torch.compile with float32 weights
+`grouped_mm`, transformers' default, loops over the experts outside the graph, and the engine's
+compiled pass decodes with `batched_mm` (steps.core.engine.compiled_experts); each line then
+names its kernel, and the last one adds `compiled_ms_by_experts`.
 """
 from __future__ import annotations
 
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", type=int, default=120, help="prompt tokens in the cache before decoding")
     ap.add_argument("--passes", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--experts", default="", help="MoE policies: experts kernels to compare, in order "
+                                                   "(grouped_mm,batched_mm); default the model's own")
     args = ap.parse_args(argv)
 
     import torch
@@ -67,24 +75,36 @@ def main(argv: list[str] | None = None) -> None:
     if hasattr(model.config, "output_router_logits"):
         model.config.output_router_logits = False  # no MoE router loss while decoding (as the engine)
     rows = [int(r) for r in args.rows.split(",")]
-    compiled = torch.compile(model, dynamic=True)
+    kernels = [k for k in args.experts.split(",") if k] or [None]
+    if kernels != [None] and getattr(model.config, "_experts_implementation", None) is None:
+        ap.error(f"--experts: {args.model} is not a mixture-of-experts model")
     lines = []
-    for b in rows:
-        ms_per_pass(model, b, args.cache, args.passes)  # warm-up, as for the compiled one
-        eager_ms, _ = ms_per_pass(model, b, args.cache, args.passes)
-        # The first call compiles (and recompiles while the cache grows, until its length is
-        # symbolic); the second is the steady state a long run would see.
-        _, comp_s = ms_per_pass(compiled, b, args.cache, args.passes)
-        comp_ms, _ = ms_per_pass(compiled, b, args.cache, args.passes)
-        line = {"rows": b, "eager_ms_per_pass": round(eager_ms, 3), "compiled_ms_per_pass": round(comp_ms, 3),
-                "compiled_call_s": round(comp_s, 1), "ratio": round(eager_ms / comp_ms, 3)}
-        lines.append(line)
-        print(json.dumps(line), flush=True)
+    for kernel in kernels:
+        if kernel is not None:
+            model.set_experts_implementation(kernel)
+            torch._dynamo.reset()  # each kernel compiles its own graph, timed from scratch
+        compiled = torch.compile(model, dynamic=True)
+        for b in rows:
+            ms_per_pass(model, b, args.cache, args.passes)  # warm-up, as for the compiled one
+            eager_ms, _ = ms_per_pass(model, b, args.cache, args.passes)
+            # The first call compiles (and recompiles while the cache grows, until its length is
+            # symbolic); the second is the steady state a long run would see.
+            _, comp_s = ms_per_pass(compiled, b, args.cache, args.passes)
+            comp_ms, _ = ms_per_pass(compiled, b, args.cache, args.passes)
+            line = {"rows": b, "eager_ms_per_pass": round(eager_ms, 3), "compiled_ms_per_pass": round(comp_ms, 3),
+                    "compiled_call_s": round(comp_s, 1), "ratio": round(eager_ms / comp_ms, 3)}
+            if kernel is not None:
+                line = {"experts": kernel, **line}
+            lines.append(line)
+            print(json.dumps(line), flush=True)
     first = lines[0]
-    print(json.dumps({"model": args.model, "threads": args.threads, "torch": torch.__version__,
-                      "compiled_speedup": first["ratio"],
-                      "compile_s_first": first["compiled_call_s"],
-                      "compile_s_later_sizes": [ln["compiled_call_s"] for ln in lines[1:]]}))
+    last = {"model": args.model, "threads": args.threads, "torch": torch.__version__,
+            "compiled_speedup": first["ratio"], "compile_s_first": first["compiled_call_s"],
+            "compile_s_later_sizes": [ln["compiled_call_s"] for ln in lines[1:len(rows)]]}
+    if kernels != [None]:
+        last["compiled_ms_by_experts"] = {k: [ln["compiled_ms_per_pass"] for ln in lines if ln["experts"] == k]
+                                          for k in kernels}
+    print(json.dumps(last))
 
 
 if __name__ == "__main__":

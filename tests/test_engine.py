@@ -427,6 +427,7 @@ def test_compiled_engine_keeps_greedy_identical_and_feeds_the_eagle_drafter(back
     slow, _, prompts = backends
     sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
     reference = _flat(slow.generate(prompts, sampling))
+    own = slow.model.config._experts_implementation
     kw = dict(model="unused", model_obj=slow.model, tokenizer_obj=slow.tokenizer, batch_size=64, engine="fast",
               compile=True)
     assert _flat(make_backend("transformers", **kw).generate(prompts, sampling)) == reference
@@ -438,6 +439,49 @@ def test_compiled_engine_keeps_greedy_identical_and_feeds_the_eagle_drafter(back
     assert _flat(eagle.generate(prompts, sampling)) == reference
     assert eagle.last_stats["accepted"] > 0
     assert state.drafter._compiled is not None  # the drafts went through the drafter's compiled step
+    # The MoE policy decoded with batched_mm inside the compiled pass (compiled_experts); the
+    # trainer that shares it sees its own kernel afterwards.
+    assert slow.model.config._experts_implementation == own
+
+
+@pytest.mark.parametrize("change, want", [
+    ({}, "batched_mm"),                                 # float32 MoE: grouped_mm would loop outside the graph
+    ({"dtype": "bfloat16"}, None),                      # bfloat16: grouped_mm compiles to a real kernel
+    ({"experts": "eager"}, None),                       # a kernel the user chose is kept
+    ({"moe_intermediate_size": 4096}, None),            # experts too large to gather per token (> 1 MiB)
+    ({"dense": True}, None),                            # no experts at all
+])
+def test_the_compiled_pass_decodes_moe_experts_with_batched_mm_only_where_it_pays(tmp_path, change, want):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from steps.core.engine import compiled_experts
+
+    arch = TINY_DENSE if change.get("dense") else {**TINY_MOE, **{k: v for k, v in change.items()
+                                                                  if k == "moe_intermediate_size"}}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(tmp_path / "m", arch, examples()))
+    if "dtype" in change:
+        model = model.to(getattr(torch, change["dtype"]))
+    if "experts" in change:
+        model.set_experts_implementation(change["experts"])
+    assert compiled_experts(model) == want
+
+
+def test_the_experts_kernel_switches_for_the_pass_only(backends):
+    """The policy is shared with the trainer: inside the switch its experts run batched_mm (the
+    kernel the experts modules read at each call), after it their own again, also on an error."""
+    from steps.core.engine import _experts_implementation
+
+    slow, _, _ = backends
+    experts = next((m for m in slow.model.modules() if hasattr(m, "has_gate")), None)
+    if experts is None:
+        pytest.skip("a dense model has no experts")
+    own = slow.model.config._experts_implementation
+    with pytest.raises(RuntimeError, match="inside"):
+        with _experts_implementation(slow.model, "batched_mm"):
+            assert experts.config._experts_implementation == "batched_mm"
+            raise RuntimeError("inside")
+    assert experts.config._experts_implementation == own == "grouped_mm"
 
 
 @pytest.mark.slow

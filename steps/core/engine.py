@@ -39,8 +39,11 @@ less with inductor's on-disk cache warm; a single row runs eagerly, as a size of
 graph of its own); on these small models a pass is mostly framework work, which the
 compiled graph removes (bench/compile_pass.py). The features the eagle drafter reads come out of
 that graph with the logits, as a forward hook inside a compiled graph does not fire; the drafter's
-own drafts are compiled too (`Drafter.propose`). Outputs are the eager engine's up to float noise (a
-fused kernel sums in another order).
+own drafts are compiled too (`Drafter.propose`). A mixture-of-experts policy decodes its experts
+there with transformers' `batched_mm` rather than its default `grouped_mm`, which under compile with
+float32 weights loops over the experts outside the graph (`compiled_experts`: 1.7-2.4 ms a pass
+over 32 rows against 3.0-4.5 for the embedded default's student). Outputs are the eager engine's up to float
+noise (a fused kernel sums in another order).
 
 The back ends select it with `engine: fast` (steps.core.backends.TransformersBackend) and the
 RL stages with `engine: fast` in their params section (steps.core.rl.RLConfig); `compile: true`
@@ -197,15 +200,72 @@ def compiled_pass(model: Any) -> Any:
                          "last state (a soft cap or a scale?): the compiled pass would decode another model; "
                          "run this model with compile: false")
     compiled = torch.compile(decode_pass, dynamic=True)
+    experts = compiled_experts(model)
 
     def run_pass(ids: Any, mask: Any, pos: Any, cache: Any, keep: int) -> tuple[Any, Any]:
         # One row runs eagerly: torch.compile specialises a dimension of size 1, so the tail's
         # last row would compile a graph of its own (43 s on two cores, bench/compile_pass.py)
         # to save about a millisecond a pass; the dynamic graph serves every larger batch.
-        return (compiled if ids.shape[0] > 1 else decode_pass)(ids, mask, pos, cache, keep)
+        if ids.shape[0] == 1:
+            return decode_pass(ids, mask, pos, cache, keep)
+        with _experts_implementation(model, experts):
+            return compiled(ids, mask, pos, cache, keep)
 
     _COMPILED[model] = run_pass
     return run_pass
+
+
+# The most bytes of expert weights `batched_mm` may gather for one token (its top-k experts'
+# projections): 48 KiB for the embedded default's student; a 30B-A3B model in float32 gathers
+# about 150 MiB a token, where the per-expert loop is the lesser cost.
+GATHER_BYTES_PER_TOKEN = 1 << 20
+
+
+def compiled_experts(model: Any) -> str | None:
+    """The experts kernel a compiled pass of `model` decodes with: "batched_mm" where transformers'
+    default would leave the compiled graph, None (the model's own) elsewhere.
+
+    transformers runs a mixture-of-experts layer with `grouped_mm` by default; under torch.compile
+    with weights other than bfloat16 that falls back to an opaque op which loops over the experts
+    in Python (`transformers.integrations.moe._grouped_mm_fallback`: two small matmuls per expert
+    and layer, 128 a pass for the embedded default's student). `batched_mm`, also transformers',
+    gathers each token's experts' weights and runs two batched matmuls that stay in the graph:
+    a compiled pass over 32 rows took 1.7-2.4 ms against 3.0-4.5 ms on two CPU cores
+    (`bench.compile_pass --experts grouped_mm,batched_mm`). The gather grows
+    with the experts' size, so a model whose top-k experts hold more than GATHER_BYTES_PER_TOKEN
+    keeps its own kernel. Only the compiled pass switches (`_experts_implementation`): the model is
+    shared with the trainer, whose forward keeps its kernel."""
+    import torch
+
+    config = model.config
+    if getattr(config, "_experts_implementation", None) != "grouped_mm":
+        return None  # a dense model, or an implementation the user chose
+    if next(model.parameters()).dtype == torch.bfloat16:
+        return None  # grouped_mm compiles to a real kernel in bfloat16
+    sizes = [getattr(config, k, None) for k in ("hidden_size", "moe_intermediate_size", "num_experts_per_tok")]
+    if None in sizes:
+        return None
+    hidden, inter, top_k = sizes
+    per_token = 3 * hidden * inter * top_k * next(model.parameters()).element_size()
+    return "batched_mm" if per_token <= GATHER_BYTES_PER_TOKEN else None
+
+
+@contextlib.contextmanager
+def _experts_implementation(model: Any, name: str | None) -> Any:
+    """`model` runs its experts with `name` inside the block, its own kernel again after it."""
+    if name is None:
+        yield
+        return
+    # The config's own setter, not `set_experts_implementation`: that one validates the name and
+    # walks every submodule, about 0.1 ms, which a 2 ms pass would feel; the experts modules read
+    # this config at each call (`use_experts_implementation`).
+    config = model.config
+    before = config._experts_implementation
+    config._experts_implementation = name
+    try:
+        yield
+    finally:
+        config._experts_implementation = before
 
 
 @functools.cache
