@@ -32,7 +32,10 @@ emitted per second of the pass (drafting included), averaged over each arm's las
 reference scores accepted tokens x batch size / step time, which gives a plain step no score to
 compare against. An eagle drafter that has never been trained does not draft (it would propose
 noise, and the bandit would learn from it that speculation does not pay): its first rollout only
-records features.
+records features. Its reward is a measured time, so the depths it picks, and with them which draws a
+row's tokens come from, follow the machine's timing: every output is distributed as the policy's,
+but a run is not bit-reproducible (two GRPO runs of one seed trained two models; README, TLT). A
+fixed `draft_tokens` (`depth: fixed`) has no such input.
 """
 from __future__ import annotations
 
