@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         model.config.output_router_logits = False  # no MoE router loss while decoding (as the engine)
     rows = [int(r) for r in args.rows.split(",")]
     kernels = [k for k in args.experts.split(",") if k] or [None]
-    if kernels != [None] and getattr(model.config, "_experts_implementation", None) is None:
+    # transformers marks the experts modules whose kernel the config selects (use_experts_implementation)
+    if kernels != [None] and not any(hasattr(m, "has_gate") for m in model.modules()):
         ap.error(f"--experts: {args.model} is not a mixture-of-experts model")
     lines = []
     for kernel in kernels:
