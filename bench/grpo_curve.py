@@ -72,9 +72,20 @@ def plot(points: list[dict[str, Any]], levels: dict[str, dict[str, Any]], out: P
                 ax.annotate(name, (steps[-1], figs[ds][fig_name]), fontsize=8, color="grey", va="bottom", ha="right")
             ax.set(title=f"{ds}: {fig_name}", xlabel="GRPO step" if i == len(FIGURES) - 1 else None)
     axes[0][0].legend(fontsize=8)
+    save_figure(fig, out)
+
+
+def save_figure(fig: Any, out: Path) -> None:
+    """Lay out `fig`, write it to `out` atomically (steps.core.io.atomic_path: an interrupted run
+    leaves the previous plot, not half a file) and close it."""
+    import matplotlib.pyplot as plt
+
+    from steps.core.io import atomic_path
+
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:

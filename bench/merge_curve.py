@@ -33,7 +33,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.grpo_curve import evaluate  # noqa: E402
+from bench.grpo_curve import evaluate, save_figure  # noqa: E402
+from steps.core.io import write_jsonl  # noqa: E402
 
 WEIGHTS = "model.safetensors"
 
@@ -109,9 +110,7 @@ def plot(points: list[dict[str, Any]], out: Path, bar: float = 0.45) -> None:
         ax.set(title=f"{ds}: alpha from RFT (0) to GRPO (1)", xlabel="tokens per response ÷ RFT's",
                ylabel="correct %")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out)
 
 
 def main() -> None:
@@ -154,10 +153,9 @@ def main() -> None:
             figures = evaluate(params, "rft_grpo", str(path), args.data, out / f"pair{i}" / f"eval_{alpha:g}", env)
             points.append({"pair": i, "alpha": alpha, "model": str(path), "figures": figures})
     points = relative_tokens(points)
-    with (out / "curve.jsonl").open("w") as f:
-        for p in points:
-            f.write(json.dumps(p) + "\n")
-            print(json.dumps(p), flush=True)
+    write_jsonl(out / "curve.jsonl", points)
+    for p in points:
+        print(json.dumps(p), flush=True)
     plot(points, Path(args.plot))
 
 

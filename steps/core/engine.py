@@ -237,16 +237,16 @@ def compiled_experts(model: Any) -> str | None:
     shared with the trainer, whose forward keeps its kernel."""
     import torch
 
-    config = model.config
+    config, weight = model.config, next(model.parameters())
     if getattr(config, "_experts_implementation", None) != "grouped_mm":
         return None  # a dense model, or an implementation the user chose
-    if next(model.parameters()).dtype == torch.bfloat16:
+    if weight.dtype == torch.bfloat16:
         return None  # grouped_mm compiles to a real kernel in bfloat16
     sizes = [getattr(config, k, None) for k in ("hidden_size", "moe_intermediate_size", "num_experts_per_tok")]
     if None in sizes:
         return None
     hidden, inter, top_k = sizes
-    per_token = 3 * hidden * inter * top_k * next(model.parameters()).element_size()
+    per_token = 3 * hidden * inter * top_k * weight.element_size()
     return "batched_mm" if per_token <= GATHER_BYTES_PER_TOKEN else None
 
 
